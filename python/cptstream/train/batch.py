@@ -1,0 +1,124 @@
+"""Training batches from packed rows: labels, position ids and the attention layout.
+
+One row contains several document pieces back to back. Each piece is its own sequence: position ids
+restart at 0, a token attends only to earlier tokens of its piece, and no token is trained to
+predict the first token of the next piece. There are two layouts for the attention:
+
+- padded `[B, T]` rows with an additive block-diagonal causal mask `[B, 1, T, T]`, which eager
+  and SDPA attention accept and which costs `4 * B * T^2` bytes in fp32 (64 MiB per row at
+  T=4096), so it is meant for CPU runs and tests;
+- a flat `[1, N]` layout of the real tokens only, with position ids and per-piece lengths, for
+  the varlen kernels of flash attention and of Unsloth's padding-free packing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["IGNORE_INDEX", "block_causal_mask", "collate_rows", "count_targets", "to_packed_layout"]
+
+IGNORE_INDEX = -100
+
+
+def collate_rows(input_ids: np.ndarray, seq_lengths: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Build a training batch from packed rows.
+
+    Position ids restart at 0 for every document piece and for the padding tail. Labels equal the
+    input ids except -100 on the padding tail (found from the lengths, never from the pad id) and on
+    the first token of every piece after the first, because transformers shifts labels inside the
+    model: label `i` is predicted from position `i - 1`, which belongs to the previous piece.
+
+    Args:
+        input_ids: int `[rows, seq_len]`.
+        seq_lengths: per row, the lengths of its document pieces in order.
+
+    Returns:
+        `input_ids`, `labels`, `position_ids` (int64 `[rows, seq_len]`), `seq_lengths` (int32
+        `[rows, max_pieces]`, zero-filled), and `num_tokens` (int64 `[rows]`, real tokens per row).
+    """
+    rows, seq_len = input_ids.shape
+    labels = input_ids.astype(np.int64)
+    position_ids = np.empty((rows, seq_len), dtype=np.int64)
+    padded_lengths = np.zeros((rows, max(1, max(len(lengths) for lengths in seq_lengths))), dtype=np.int32)
+    num_tokens = np.zeros(rows, dtype=np.int64)
+    for row, lengths in enumerate(seq_lengths):
+        lengths = lengths.astype(np.int64)
+        real = int(lengths.sum())
+        if real > seq_len or (lengths.size and lengths.min() <= 0):
+            raise ValueError(f"seq_lengths {lengths.tolist()} are invalid for a row of {seq_len} tokens")
+        starts = np.cumsum(lengths) - lengths
+        position_ids[row, :real] = np.arange(real) - np.repeat(starts, lengths)
+        position_ids[row, real:] = np.arange(seq_len - real)
+        labels[row, starts[1:]] = IGNORE_INDEX
+        labels[row, real:] = IGNORE_INDEX
+        padded_lengths[row, : lengths.size] = lengths
+        num_tokens[row] = real
+    return {
+        "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(position_ids),
+        "seq_lengths": torch.from_numpy(padded_lengths),
+        "num_tokens": torch.from_numpy(num_tokens),
+    }
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Return how many tokens the loss averages over: labels after transformers' shift that are not -100."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def block_causal_mask(seq_lengths: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Build the additive `[B, 1, T, T]` mask that lets a token see only earlier tokens of its piece.
+
+    The padding tail after the last piece forms one more piece, so every query row keeps at least
+    itself and softmax never sees a fully masked row.
+
+    Args:
+        seq_lengths: int `[B, max_pieces]` piece lengths, zero-filled (the `seq_lengths` batch entry).
+        seq_len: T.
+        dtype: dtype of the attention scores; masked entries get its minimum value.
+
+    Returns:
+        0 where attention is allowed and `finfo(dtype).min` elsewhere.
+    """
+    rows = seq_lengths.shape[0]
+    segment = torch.empty((rows, seq_len), dtype=torch.long)
+    for row in range(rows):
+        lengths = seq_lengths[row][seq_lengths[row] > 0].long()
+        pieces = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        segment[row, : pieces.numel()] = pieces
+        segment[row, pieces.numel() :] = lengths.numel()
+    same_piece = segment[:, :, None] == segment[:, None, :]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    allowed = same_piece & causal
+    mask = torch.zeros((rows, 1, seq_len, seq_len), dtype=dtype)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def to_packed_layout(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flatten a padded batch into one `[1, N]` row of its real tokens, for varlen attention kernels.
+
+    Padding is dropped, so N is the batch's real token count. Every piece start gets label -100,
+    so no target crosses a piece or a row boundary, and the target count equals the padded layout's.
+
+    Returns:
+        `input_ids`, `labels`, `position_ids` `[1, N]` and `packed_seq_lengths` (int32, one entry
+        per piece, the name Unsloth's packed forward reads).
+    """
+    keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for row, count in enumerate(batch["num_tokens"].tolist()):
+        keep[row, :count] = True
+    lengths = batch["seq_lengths"][batch["seq_lengths"] > 0].to(torch.int32)
+
+    # The first piece of each row has no masked label of its own (the per-row shift drops it), but
+    # once rows are joined it would be predicted from the previous row, so mask every piece start.
+    labels = batch["labels"][keep].clone()
+    starts = torch.cumsum(lengths, 0) - lengths
+    labels[starts[1:].long()] = IGNORE_INDEX
+    return {
+        "input_ids": batch["input_ids"][keep][None],
+        "labels": labels[None],
+        "position_ids": batch["position_ids"][keep][None],
+        "packed_seq_lengths": lengths,
+    }
