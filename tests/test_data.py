@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -247,7 +248,7 @@ def test_resume_in_new_process(tmp_path):
         [sys.executable, "-c", RESUME_SCRIPT, str(data), state],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": str(PYTHON_DIR), "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])},
         timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -4,9 +4,9 @@ One row contains several document pieces back to back. Each piece is its own seq
 restart at 0, a token attends only to earlier tokens of its piece, and no token is trained to
 predict the first token of the next piece. There are two layouts for the attention:
 
-- padded `[B, T]` rows with an additive block-diagonal causal mask `[B, 1, T, T]`, which eager
-  and SDPA attention accept and which costs `4 * B * T^2` bytes in fp32 (64 MiB per row at
-  T=4096), so it is meant for CPU runs and tests;
+- padded `[B, T]` rows with a block-diagonal causal mask `[B, 1, T, T]` (bool for SDPA, additive
+  float for eager attention), which costs `B * T^2` bytes as bool (16 MiB per row at T=4096)
+  and forces SDPA off its flash kernel, so it is meant for CPU runs and tests;
 - a flat `[1, N]` layout of the real tokens only, with position ids and per-piece lengths, for
   the varlen kernels of flash attention and of Unsloth's padding-free packing.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["IGNORE_INDEX", "block_causal_mask", "collate_rows", "count_targets", "to_packed_layout"]
+__all__ = ["IGNORE_INDEX", "block_causal_mask", "collate_rows", "count_targets", "model_inputs", "to_packed_layout"]
 
 IGNORE_INDEX = -100
 
@@ -68,8 +68,8 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def block_causal_mask(seq_lengths: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Build the additive `[B, 1, T, T]` mask that lets a token see only earlier tokens of its piece.
+def block_causal_mask(seq_lengths: torch.Tensor, seq_len: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Build the `[B, 1, T, T]` mask that lets a token attend only to earlier tokens of its piece.
 
     The padding tail after the last piece forms one more piece, so every query row keeps at least
     itself and softmax never sees a fully masked row.
@@ -77,10 +77,8 @@ def block_causal_mask(seq_lengths: torch.Tensor, seq_len: int, dtype: torch.dtyp
     Args:
         seq_lengths: int `[B, max_pieces]` piece lengths, zero-filled (the `seq_lengths` batch entry).
         seq_len: T.
-        dtype: dtype of the attention scores; masked entries get its minimum value.
-
-    Returns:
-        0 where attention is allowed and `finfo(dtype).min` elsewhere.
+        dtype: `torch.bool` (True where attention is allowed, for SDPA), or a float dtype for an
+            additive mask (0 where allowed, `finfo(dtype).min` elsewhere, for eager attention).
     """
     rows = seq_lengths.shape[0]
     segment = torch.empty((rows, seq_len), dtype=torch.long)
@@ -91,9 +89,11 @@ def block_causal_mask(seq_lengths: torch.Tensor, seq_len: int, dtype: torch.dtyp
         segment[row, pieces.numel() :] = lengths.numel()
     same_piece = segment[:, :, None] == segment[:, None, :]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    allowed = same_piece & causal
-    mask = torch.zeros((rows, 1, seq_len, seq_len), dtype=dtype)
-    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    allowed = (same_piece & causal)[:, None]
+    if dtype == torch.bool:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def to_packed_layout(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,3 +122,26 @@ def to_packed_layout(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "position_ids": batch["position_ids"][keep][None],
         "packed_seq_lengths": lengths,
     }
+
+
+def model_inputs(
+    batch: dict[str, torch.Tensor], layout: str, device: torch.device, mask_dtype: torch.dtype = torch.bool
+) -> dict[str, torch.Tensor]:
+    """Return the forward-pass keyword arguments for one micro-batch in the backend's attention layout.
+
+    Args:
+        batch: a batch from `collate_rows`.
+        layout: `mask` (padded rows and a 4D mask, for eager/SDPA), `varlen` (flat row and position
+            ids, for flash attention) or `unsloth` (flat row plus `packed_seq_lengths`).
+        device: device to move the tensors to.
+        mask_dtype: dtype of the 4D mask, see `block_causal_mask`.
+    """
+    if layout == "mask":
+        inputs = {name: batch[name] for name in ("input_ids", "labels", "position_ids")}
+        inputs["attention_mask"] = block_causal_mask(batch["seq_lengths"], batch["input_ids"].shape[1], mask_dtype)
+    else:
+        inputs = to_packed_layout(batch)
+        if layout == "varlen":
+            # transformers finds the sequence boundaries of flash attention from the position ids alone.
+            del inputs["packed_seq_lengths"]
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}

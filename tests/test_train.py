@@ -1,0 +1,274 @@
+"""Tests of the training side on CPU: attention isolation, loss averaging, checks, resume, export.
+
+Models are tiny Qwen2s (hidden 64, 2 layers) built from a BPE tokenizer trained here, and shards
+are written with pyarrow by `write_shards` from test_data.py, following docs/shard-format.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_data import write_shards
+
+from cptstream.lock import DirLock
+from cptstream.tiny_model import build_tiny_model, tiny_qwen2_config, train_tiny_tokenizer
+from cptstream.train.batch import collate_rows, count_targets, model_inputs
+from cptstream.train.cli import add_export_parser, add_train_parser
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
+SEQ_LEN = 32
+TEXTS = [
+    "Continued pretraining adapts a language model to a domain corpus. " * 3,
+    "Le modèle apprend le vocabulaire du domaine à partir de documents bruts. " * 3,
+    "继续预训练让语言模型适应领域语料。模型从原始文档中学习领域词汇。" * 3,
+    "東京の研究所で新しい言語モデルを訓練した。日本語の文書も正しく扱う。" * 3,
+    "Packed rows hold several documents, and no document may attend to another. " * 3,
+]
+
+
+# ---- fixtures ----
+
+
+def tiny_model_forward(vocab_size: int, attn: str) -> torch.nn.Module:
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_qwen2_config(vocab_size)
+    config._attn_implementation = attn
+    return Qwen2ForCausalLM(config).eval()
+
+
+def packed_forward(model: torch.nn.Module, rows: list[list[int]], lengths: list[list[int]], mask_dtype) -> torch.Tensor:
+    batch = collate_rows(np.array(rows, dtype=np.int32), [np.array(row) for row in lengths])
+    inputs = model_inputs(batch, "mask", torch.device("cpu"), mask_dtype)
+    inputs.pop("labels")
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    """Two tokenizers with the same vocabulary size but different merges."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    first = train_tiny_tokenizer(TEXTS, root / "first", vocab_size=300)
+    second = train_tiny_tokenizer(list(reversed(TEXTS)) + ["zzz qqq xxx"] * 5, root / "second", vocab_size=300)
+    return first, second
+
+
+def tokenizer_record(tokenizer_dir: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    return {
+        "path": str(tokenizer_dir),
+        "sha256": hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest(),
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "eos_token": "<|endoftext|>",
+        "eos_id": eos_id,
+        "bos_token": None,
+        "bos_id": None,
+        "pad_id": eos_id,
+    }
+
+
+def make_shards(root: Path, tokenizer_dir: Path, *, documents: int = 48) -> Path:
+    """Tokenize varied sentences, pack them greedily into rows of SEQ_LEN, and write 3 train shards + validation."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    record = tokenizer_record(tokenizer_dir)
+    rng = np.random.default_rng(0)
+    rows, tokens, lengths = [], [], []
+    for index in range(documents):
+        text = TEXTS[index % len(TEXTS)][: int(rng.integers(10, 60))]
+        ids = tokenizer.encode(text).ids[: SEQ_LEN - 1] + [record["eos_id"]]
+        if len(tokens) + len(ids) > SEQ_LEN:
+            rows.append((tokens, lengths))
+            tokens, lengths = [], []
+        tokens, lengths = tokens + ids, lengths + [len(ids)]
+    rows.append((tokens, lengths))
+    shards = [rows[i::3] for i in range(3)]
+    return write_shards(
+        root, shards[:2] + [shards[2][2:]], seq_len=SEQ_LEN, rows_per_batch=3, pad_id=record["pad_id"],
+        tokenizer=record, validation=[shards[2][:2]],
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tokenizer_dirs):
+    root = tmp_path_factory.mktemp("train")
+    model = build_tiny_model(tokenizer_dirs[0], root / "model")
+    data = make_shards(root / "shards", tokenizer_dirs[0])
+    return root, model, data
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(required=True)
+    add_train_parser(subparsers)
+    add_export_parser(subparsers)
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def train_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--config", str(CONFIG), "--model", str(model), "--data", str(data), "--output", str(output),
+        "--max-steps", "6", "--set", "data.num_workers=1", "--set", "data.micro_batch_size=2",
+        "--set", "lora.dropout=0.1", "--set", "checkpoint.every=2", "--set", "log.eval_every=3",
+        "--set", f"model.max_seq_length={SEQ_LEN}", *extra,
+    ]
+
+
+def read_metrics(output: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record[key] for record in records if key in record}
+
+
+# ---- attention isolation and loss ----
+
+
+@pytest.mark.parametrize(("attn", "mask_dtype"), [("sdpa", torch.bool), ("eager", torch.float32)])
+def test_packed_copy_matches_alone(attn, mask_dtype):
+    eos, vocab = 1, 50
+    model = tiny_model_forward(vocab, attn)
+    document = [7, 8, 9, 10, eos]
+    packed = packed_forward(model, [document + document], [[5, 5]], mask_dtype)
+    alone = packed_forward(model, [document], [[5]], mask_dtype)
+
+    batch = collate_rows(np.array([document + document], dtype=np.int32), [np.array([5, 5])])
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert torch.allclose(packed[0, 5:], alone[0], atol=1e-4)
+
+    random_first = torch.randint(2, vocab, (4,), generator=torch.Generator().manual_seed(1)).tolist() + [eos]
+    changed = packed_forward(model, [random_first + document], [[5, 5]], mask_dtype)
+    assert random_first != document
+    assert torch.allclose(changed[0, 5:], packed[0, 5:], atol=1e-6)
+
+
+def test_loss_averages_over_nine_targets():
+    eos = 1
+    tokens = [5, 6, 7, eos, 8, 9, eos, 10, 11, 12, 13, eos]
+    batch = collate_rows(np.array([tokens], dtype=np.int32), [np.array([4, 3, 5])])
+    model = tiny_model_forward(20, "sdpa")
+    inputs = model_inputs(batch, "mask", torch.device("cpu"))
+    targets = count_targets(batch["labels"])
+
+    with torch.no_grad():
+        output = model(**inputs, num_items_in_batch=targets)
+    log_probs = torch.log_softmax(output.logits[0, :-1].float(), dim=-1)
+    next_tokens = torch.tensor(tokens[1:])
+    trained = [i for i in range(11) if i + 1 not in (4, 7)]
+    expected = -log_probs[trained, next_tokens[trained]].mean()
+
+    assert targets == 9
+    assert len(trained) == 9
+    assert torch.allclose(output.loss, expected, atol=1e-6)
+
+
+# ---- checks before step 1 ----
+
+
+def test_tokenizer_mismatch_stops_before_training(tmp_path, workspace, tokenizer_dirs, caplog):
+    root, _, data = workspace
+    other_model = build_tiny_model(tokenizer_dirs[1], tmp_path / "other-model")
+    first_vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    second_record = tokenizer_record(tokenizer_dirs[1])
+    assert second_record["vocab_size"] == first_vocab
+
+    output = tmp_path / "run"
+    assert run_cli(*train_args(other_model, data, output)) == 2
+
+    message = caplog.text
+    assert str(tokenizer_dirs[0]) in message
+    assert str(other_model / "tokenizer.json") in message
+    assert tokenizer_record(tokenizer_dirs[0])["sha256"] in message
+    assert second_record["sha256"] in message
+    assert not (output / "metrics.jsonl").exists()
+
+
+def test_token_id_beyond_embeddings_rejected(tmp_path, workspace, tokenizer_dirs, caplog):
+    root, model, _ = workspace
+    record = tokenizer_record(tokenizer_dirs[0])
+    rows_of_model = json.loads((model / "config.json").read_text())["vocab_size"]
+    data = write_shards(
+        tmp_path / "data", [[([3, 4, rows_of_model, record["eos_id"]], [4])] * 4], seq_len=SEQ_LEN, tokenizer=record
+    )
+
+    assert run_cli(*train_args(model, data, tmp_path / "run")) == 2
+    assert f"contain token ids 0..{rows_of_model}" in caplog.text
+    assert f"{rows_of_model} embedding rows" in caplog.text
+
+
+def test_seq_len_mismatch_rejected(tmp_path, workspace, caplog):
+    _, model, data = workspace
+    args = train_args(model, data, tmp_path / "run", "--set", "model.max_seq_length=64")
+    assert run_cli(*args) == 2
+    assert f"model.max_seq_length is 64 but the shards in {data} have seq_len {SEQ_LEN}" in caplog.text
+
+
+def test_locked_output_names_holder(tmp_path, workspace, caplog):
+    _, model, data = workspace
+    output = tmp_path / "run"
+    with DirLock(output):
+        assert run_cli(*train_args(model, data, output)) == 2
+    assert f"in use by process {os.getpid()}" in caplog.text
+
+
+# ---- training, resume, adapter and export ----
+
+
+def test_resume_matches_uninterrupted_and_exports(tmp_path, workspace):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, model_dir, data = workspace
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+
+    assert run_cli(*train_args(model_dir, data, straight)) == 0
+    assert run_cli(*train_args(model_dir, data, interrupted, "--stop-after", "3")) == 0
+    assert not (interrupted / "adapter").exists()
+    assert run_cli(*train_args(model_dir, data, interrupted, "--resume")) == 0
+
+    losses = read_metrics(straight, "train/loss")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert read_metrics(interrupted, "train/loss") == losses
+    assert read_metrics(interrupted, "eval/ppl") == read_metrics(straight, "eval/ppl")
+    assert sorted(read_metrics(straight, "eval/ppl")) == [3, 6]
+    checkpoints = sorted(path.name for path in (straight / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004", "step_00000006"]
+
+    # The adapter loads back with peft and reproduces the trained model's logits.
+    tokens = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    adapted = PeftModel.from_pretrained(base, str(straight / "adapter")).eval()
+    resumed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(interrupted / "adapter"))
+    with torch.no_grad():
+        adapter_logits = adapted(input_ids=tokens).logits
+        assert torch.equal(adapter_logits, resumed.eval()(input_ids=tokens).logits)
+        assert not torch.allclose(adapter_logits, AutoModelForCausalLM.from_pretrained(str(model_dir))(input_ids=tokens).logits)
+
+    # The merged export is a plain transformers model with the same logits.
+    merged_dir = tmp_path / "merged"
+    assert run_cli("export", str(straight / "adapter"), "--merge", "--output", str(merged_dir)) == 0
+    assert (merged_dir / "model.safetensors").is_file()
+    assert (merged_dir / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=tokens).logits, adapter_logits, atol=1e-4)
+
+
+def test_tokenizer_keeps_cjk(tokenizer_dirs):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs[0]))
+    text = "继续预训练 東京の研究所 modèle"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
