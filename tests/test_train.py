@@ -10,6 +10,10 @@ import argparse
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from cptstream.train.batch import collate_rows, count_targets, model_inputs
 from cptstream.train.cli import add_export_parser, add_train_parser
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
+PYTHON_DIR = Path(__file__).resolve().parent.parent / "python"
 SEQ_LEN = 32
 TEXTS = [
     "Continued pretraining adapts a language model to a domain corpus. " * 3,
@@ -97,8 +102,13 @@ def make_shards(root: Path, tokenizer_dir: Path, *, documents: int = 48) -> Path
     rows.append((tokens, lengths))
     shards = [rows[i::3] for i in range(3)]
     return write_shards(
-        root, shards[:2] + [shards[2][2:]], seq_len=SEQ_LEN, rows_per_batch=3, pad_id=record["pad_id"],
-        tokenizer=record, validation=[shards[2][:2]],
+        root,
+        shards[:2] + [shards[2][2:]],
+        seq_len=SEQ_LEN,
+        rows_per_batch=3,
+        pad_id=record["pad_id"],
+        tokenizer=record,
+        validation=[shards[2][:2]],
     )
 
 
@@ -121,10 +131,30 @@ def run_cli(*argv: str) -> int:
 
 def train_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
     return [
-        "train", "--config", str(CONFIG), "--model", str(model), "--data", str(data), "--output", str(output),
-        "--max-steps", "6", "--set", "data.num_workers=1", "--set", "data.micro_batch_size=2",
-        "--set", "lora.dropout=0.1", "--set", "checkpoint.every=2", "--set", "log.eval_every=3",
-        "--set", f"model.max_seq_length={SEQ_LEN}", *extra,
+        "train",
+        "--config",
+        str(CONFIG),
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--max-steps",
+        "6",
+        "--set",
+        "data.num_workers=1",
+        "--set",
+        "data.micro_batch_size=2",
+        "--set",
+        "lora.dropout=0.1",
+        "--set",
+        "checkpoint.every=2",
+        "--set",
+        "log.eval_every=3",
+        "--set",
+        f"model.max_seq_length={SEQ_LEN}",
+        *extra,
     ]
 
 
@@ -178,7 +208,7 @@ def test_loss_averages_over_nine_targets():
 
 
 def test_tokenizer_mismatch_stops_before_training(tmp_path, workspace, tokenizer_dirs, caplog):
-    root, _, data = workspace
+    _, _, data = workspace
     other_model = build_tiny_model(tokenizer_dirs[1], tmp_path / "other-model")
     first_vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     second_record = tokenizer_record(tokenizer_dirs[1])
@@ -196,7 +226,7 @@ def test_tokenizer_mismatch_stops_before_training(tmp_path, workspace, tokenizer
 
 
 def test_token_id_beyond_embeddings_rejected(tmp_path, workspace, tokenizer_dirs, caplog):
-    root, model, _ = workspace
+    _, model, _ = workspace
     record = tokenizer_record(tokenizer_dirs[0])
     rows_of_model = json.loads((model / "config.json").read_text())["vocab_size"]
     data = write_shards(
@@ -250,11 +280,15 @@ def test_resume_matches_uninterrupted_and_exports(tmp_path, workspace):
     tokens = torch.tensor([[5, 17, 42, 99, 3, 250]])
     base = AutoModelForCausalLM.from_pretrained(str(model_dir))
     adapted = PeftModel.from_pretrained(base, str(straight / "adapter")).eval()
-    resumed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(interrupted / "adapter"))
+    resumed = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)), str(interrupted / "adapter")
+    )
     with torch.no_grad():
         adapter_logits = adapted(input_ids=tokens).logits
         assert torch.equal(adapter_logits, resumed.eval()(input_ids=tokens).logits)
-        assert not torch.allclose(adapter_logits, AutoModelForCausalLM.from_pretrained(str(model_dir))(input_ids=tokens).logits)
+        assert not torch.allclose(
+            adapter_logits, AutoModelForCausalLM.from_pretrained(str(model_dir))(input_ids=tokens).logits
+        )
 
     # The merged export is a plain transformers model with the same logits.
     merged_dir = tmp_path / "merged"
@@ -272,3 +306,33 @@ def test_tokenizer_keeps_cjk(tokenizer_dirs):
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs[0]))
     text = "继续预训练 東京の研究所 modèle"
     assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_sigterm_checkpoints_then_resumes(tmp_path, workspace):
+    _, model_dir, data = workspace
+    output = tmp_path / "run"
+    args = train_args(model_dir, data, output)
+    args[args.index("--max-steps") + 1] = "400"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "cptstream.train.cli", *args, "--set", "checkpoint.every=1000"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    # Wait for two logged steps, so the signal arrives in the middle of training.
+    deadline = time.monotonic() + 120
+    metrics = output / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    last_step = max(read_metrics(output, "train/loss"))
+    assert last_step < 400
+    assert (output / "checkpoints" / f"step_{last_step:08d}" / "trainer_state.json").is_file()
+    assert "received SIGTERM" in stderr
+
+    resumed = run_cli(*args, "--resume", "--stop-after", str(last_step + 1))
+    assert resumed == 0
+    assert max(read_metrics(output, "train/loss")) == last_step + 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import signal
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,6 +351,7 @@ class PackedLoader:
             num_workers=dataset.num_workers,
             pin_memory=pin_memory,
             generator=generator,
+            worker_init_fn=_ignore_sigint,
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -364,3 +366,9 @@ class PackedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the dataset's position; takes effect at the next `iter()`."""
         self.dataset.load_state_dict(state)
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group. The training process finishes its step and stops the
+    # workers itself, so a worker killed by KeyboardInterrupt mid-batch would only add an error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

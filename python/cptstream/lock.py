@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-__all__ = ["DirLock", "LockHeldError", "LOCK_FILE_NAME"]
+__all__ = ["LOCK_FILE_NAME", "DirLock", "LockHeldError"]
 
 LOCK_FILE_NAME = ".cptstream.lock"
 

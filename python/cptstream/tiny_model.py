@@ -1,9 +1,9 @@
 """Tiny Qwen2-architecture models and tokenizers for the CPU demo and the tests.
 
-`build_tiny_model` writes a randomly initialized `Qwen2ForCausalLM` (hidden 64, 2 layers by
-default, about 0.1M weights plus the embeddings) sized to a tokenizer's vocabulary, with the
-tokenizer files copied byte for byte beside it, so `cptstream shard` and `cptstream train` see the
-same tokenizer.json sha256. `train_tiny_tokenizer` makes a byte-level BPE tokenizer from text,
+`build_tiny_model` writes a randomly initialized `Qwen2ForCausalLM` sized to a tokenizer's
+vocabulary: hidden 64 and 2 layers by default, about 75k weights besides the embeddings. The
+tokenizer files are copied byte for byte beside it, so `cptstream shard` and `cptstream train`
+compute the same tokenizer.json sha256. `train_tiny_tokenizer` makes a byte-level BPE tokenizer from text,
 so the demo runs without a model hub. Byte-level BPE covers every UTF-8 string, CJK included.
 
 Command line:
@@ -97,7 +97,9 @@ def build_tiny_model(
     tokens = tokenizer.get_vocab_size(with_added_tokens=True)
     rows = -(-tokens // pad_vocab_to_multiple_of) * pad_vocab_to_multiple_of
 
-    config = tiny_qwen2_config(rows, hidden_size=hidden_size, num_layers=num_layers, eos_id=_eos_id(tokenizer_dir, tokenizer))
+    config = tiny_qwen2_config(
+        rows, hidden_size=hidden_size, num_layers=num_layers, eos_id=_eos_id(tokenizer_dir, tokenizer)
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,9 @@ def build_tiny_model(
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, output_dir / name)
-    logger.info("wrote a %d-layer, width-%d Qwen2 model with %d embedding rows to %s", num_layers, hidden_size, rows, output_dir)
+    logger.info(
+        "wrote a %d-layer, width-%d Qwen2 model with %d embedding rows to %s", num_layers, hidden_size, rows, output_dir
+    )
     return output_dir
 
 
@@ -152,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer", type=Path, help="directory with the tokenizer.json to size the model for")
     source.add_argument(
-        "--train-tokenizer-on", type=Path, nargs="+", metavar="FILE", help="UTF-8 text files to train a BPE tokenizer on"
+        "--train-tokenizer-on",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="UTF-8 text files to train a BPE tokenizer on",
     )
     parser.add_argument("--output", type=Path, required=True, help="model directory to write")
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size with --train-tokenizer-on")

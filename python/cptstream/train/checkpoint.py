@@ -103,7 +103,11 @@ def save_checkpoint(
         step=step,
         rng={
             "python": [python_version, list(python_internal), python_gauss],
-            "numpy": {"position": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "numpy": {
+                "position": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
         },
     )
     # Written last, because its presence marks the checkpoint complete.
@@ -145,7 +149,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {state.get('version')!r}, this cptstream reads {CHECKPOINT_VERSION}")
+        raise ValueError(
+            f"{path}: checkpoint version {state.get('version')!r}, this cptstream reads {CHECKPOINT_VERSION}"
+        )
 
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
@@ -159,12 +165,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
     tensors = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda_states = [tensors[f"torch_cuda_{index}"] for index in range(torch.cuda.device_count()) if f"torch_cuda_{index}" in tensors]
+    cuda_states = [
+        tensors[f"torch_cuda_{index}"] for index in range(torch.cuda.device_count()) if f"torch_cuda_{index}" in tensors
+    ]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     numpy = state["rng"]["numpy"]
     np.random.set_state(
-        ("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"])
+        (
+            "MT19937",
+            tensors["numpy_keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
     )
     python_version, python_internal, python_gauss = state["rng"]["python"]
     random.setstate((python_version, tuple(python_internal), python_gauss))

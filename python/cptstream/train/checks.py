@@ -51,7 +51,9 @@ def check_model_fits_shards(model_dir: Path, manifest: Manifest, seq_len: int, c
     # Tokenizer identity: the exact bytes that tokenized the shards.
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise CheckError(f"{tokenizer_file} not found: the model directory must contain the tokenizer.json it was trained with")
+        raise CheckError(
+            f"{tokenizer_file} not found: the model directory must contain the tokenizer.json it was trained with"
+        )
     model_sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
     shard_tokenizer = manifest.tokenizer
     if model_sha != shard_tokenizer.get("sha256"):

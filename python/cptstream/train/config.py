@@ -159,7 +159,12 @@ class OptimConfig:
         _require(ok, "optim.betas", self.betas, "two numbers in [0, 1)")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, "a number >= 0")
         _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
-        _require(self.schedule in ("cosine", "linear", "constant"), "optim.schedule", self.schedule, "cosine, linear or constant")
+        _require(
+            self.schedule in ("cosine", "linear", "constant"),
+            "optim.schedule",
+            self.schedule,
+            "cosine, linear or constant",
+        )
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
 
 

@@ -1,8 +1,8 @@
 """The training loop: checks, model setup, accumulation steps, evaluation, checkpoints and resume.
 
-One optimizer step reads `grad_accum` micro-batches first and counts their loss targets (labels
-that are not -100 after the shift), so each micro-batch loss is a sum divided by the step's total
-and the step's gradient is the mean over exactly those tokens, however the documents fall into
+One optimizer step reads its `grad_accum` micro-batches first and counts their loss targets
+(labels that are not -100 after the shift). Each micro-batch loss is a sum divided by that total,
+so the step's gradient is the mean over exactly those tokens, however the documents fall into
 micro-batches. With several ranks the count is summed across ranks and the loss scaled by the
 world size, because DDP averages gradients.
 
@@ -86,7 +86,11 @@ def run(config: RunConfig, *, resume: bool = False, stop_after: int | None = Non
         ConfigError, CheckError, LockHeldError, DataExhaustedError: before step 1, with the values
             and the fix in the message.
     """
-    for name, value in (("train.output", config.train.output), ("data.path", config.data.path), ("model.path", config.model.path)):
+    for name, value in (
+        ("train.output", config.train.output),
+        ("data.path", config.data.path),
+        ("model.path", config.model.path),
+    ):
         if not value:
             raise ConfigError(f"{config.source}: {name} is empty; set it in the file or with its command-line flag")
 
@@ -175,7 +179,11 @@ def _train(config: RunConfig, output: Path, rank: int, world_size: int, resume: 
         step, tokens_seen = state["step"], state["tokens_seen"]
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, step, dataset.epoch)
 
-    writer = MetricsWriter(output, resume_step=step if checkpoint is not None else None, tensorboard=config.log.tensorboard) if rank == 0 else None
+    writer = (
+        MetricsWriter(output, resume_step=step if checkpoint is not None else None, tensorboard=config.log.tensorboard)
+        if rank == 0
+        else None
+    )
     flops_per_token = training_flops_per_token(peft_model)
     peak = peak_flops(config.log.peak_tflops)
     logger.info(
@@ -201,7 +209,12 @@ def _train(config: RunConfig, output: Path, rank: int, world_size: int, resume: 
             "config": config.to_dict(),
         }
         return save_checkpoint(
-            output, step=current_step, model=peft_model, optimizer=optimizer, trainer_state=trainer_state, keep=config.checkpoint.keep
+            output,
+            step=current_step,
+            model=peft_model,
+            optimizer=optimizer,
+            trainer_state=trainer_state,
+            keep=config.checkpoint.keep,
         )
 
     stop_signal: list[int] = []
@@ -218,7 +231,9 @@ def _train(config: RunConfig, output: Path, rank: int, world_size: int, resume: 
 
             # The loss of the step averages over every target of all its micro-batches (and ranks).
             targets = torch.tensor(sum(count_targets(batch["labels"]) for batch in micro_batches), dtype=torch.float64)
-            step_tokens = torch.tensor(sum(int(batch["num_tokens"].sum()) for batch in micro_batches), dtype=torch.float64)
+            step_tokens = torch.tensor(
+                sum(int(batch["num_tokens"].sum()) for batch in micro_batches), dtype=torch.float64
+            )
             if world_size > 1:
                 totals = torch.stack([targets, step_tokens]).to(loaded.device)
                 torch.distributed.all_reduce(totals)
@@ -226,7 +241,7 @@ def _train(config: RunConfig, output: Path, rank: int, world_size: int, resume: 
             step_loss = 0.0
             for index, batch in enumerate(micro_batches):
                 sync = index == len(micro_batches) - 1 or world_size == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()):
+                with contextlib.nullcontext() if sync else model.no_sync():
                     loss = _forward_loss(model, loaded, batch, max(1.0, float(targets))) * world_size
                     loss.backward()
                 step_loss += loss.item() / world_size
@@ -298,11 +313,15 @@ def _train(config: RunConfig, output: Path, rank: int, world_size: int, resume: 
 def _next_batch(batches: Any, dataset: PackedDataset, step: int) -> dict[str, torch.Tensor]:
     batch = next(batches, None)
     if batch is None:
-        raise DataExhaustedError(f"the train stream ended at step {step}, epoch {dataset.epoch}; set epochs or max_steps lower")
+        raise DataExhaustedError(
+            f"the train stream ended at step {step}, epoch {dataset.epoch}; set epochs or max_steps lower"
+        )
     return batch
 
 
-def _forward_loss(model: torch.nn.Module, loaded: LoadedModel, batch: dict[str, torch.Tensor], num_targets: float) -> torch.Tensor:
+def _forward_loss(
+    model: torch.nn.Module, loaded: LoadedModel, batch: dict[str, torch.Tensor], num_targets: float
+) -> torch.Tensor:
     inputs = model_inputs(batch, loaded.layout, loaded.device, loaded.mask_dtype)
     autocast = (
         torch.autocast(loaded.device.type, dtype=loaded.autocast_dtype)
@@ -318,8 +337,14 @@ def _evaluate_and_log(model, loaded, config, manifest, rank, world_size, step, w
         return
     try:
         dataset = PackedDataset(
-            config.data.path, micro_batch_size=config.data.micro_batch_size, split="validation", shuffle=False,
-            epochs=1, rank=rank, world_size=world_size, manifest=manifest,
+            config.data.path,
+            micro_batch_size=config.data.micro_batch_size,
+            split="validation",
+            shuffle=False,
+            epochs=1,
+            rank=rank,
+            world_size=world_size,
+            manifest=manifest,
         )
     except DataExhaustedError as err:
         logger.warning("evaluation skipped: %s", err)

@@ -120,7 +120,9 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ValueError(f"--tensorboard needs the tensorboard package ({err}); pip install tensorboard") from err
+                raise ValueError(
+                    f"--tensorboard needs the tensorboard package ({err}); pip install tensorboard"
+                ) from err
             self._tensorboard = SummaryWriter(str(output / "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
