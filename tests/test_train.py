@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -336,3 +337,45 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, workspace):
     resumed = run_cli(*args, "--resume", "--stop-after", str(last_step + 1))
     assert resumed == 0
     assert max(read_metrics(output, "train/loss")) == last_step + 1
+
+
+@pytest.fixture
+def restore_root_logging():
+    """Put back the root logger's handlers and level, which the main CLI's init_logging replaces."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.slow
+def test_real_shards_train_and_export(tmp_path, tokenizer_dirs, restore_root_logging):
+    from cptstream.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(40):
+        text = TEXTS[index % len(TEXTS)] + f" 第{index}篇文档 document {index}."
+        (corpus / f"doc_{index:02d}.txt").write_text(text, encoding="utf-8")
+    model_dir = build_tiny_model(tokenizer_dirs[0], tmp_path / "model")
+    shards, output, merged = tmp_path / "shards", tmp_path / "run", tmp_path / "merged"
+
+    shard_args = ["shard", str(corpus), "--tokenizer", str(model_dir), "--seq-len", "64", "--val-fraction", "0.2"]
+    assert main([*shard_args, "--output", str(shards), "--no-progress"]) == 0
+    train = [
+        "train",
+        "--config",
+        str(CONFIG),
+        "--model",
+        str(model_dir),
+        "--data",
+        str(shards),
+        "--output",
+        str(output),
+    ]
+    assert main([*train, "--set", "model.max_seq_length=64"]) == 0
+    assert main(["export", str(output / "adapter"), "--merge", "--output", str(merged)]) == 0
+
+    assert (merged / "model.safetensors").is_file()
+    assert read_metrics(output, "eval/ppl")

@@ -222,7 +222,7 @@ def _train(config: RunConfig, output: Path, rank: int, world_size: int, resume: 
     progress = _progress_bar(rank, step, max_steps)
     batches = iter(loader)
     model.train()
-    redirect = logging_redirect_tqdm(loggers=[logging.getLogger(), logger])
+    redirect = logging_redirect_tqdm()
     redirect.__enter__()
     try:
         while step < max_steps:
