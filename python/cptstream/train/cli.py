@@ -11,7 +11,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from cptstream.data import DataExhaustedError
 from cptstream.lock import LockHeldError
 from cptstream.train.checks import CheckError
 from cptstream.train.config import ConfigError, load_config, parse_override
@@ -20,7 +19,8 @@ __all__ = ["add_export_parser", "add_train_parser", "main"]
 
 logger = logging.getLogger("cptstream")
 
-EXPECTED_ERRORS = (ConfigError, CheckError, LockHeldError, DataExhaustedError, FileNotFoundError, ValueError)
+# torch is imported only when a command runs, so that `cptstream shard --help` stays fast.
+EXPECTED_ERRORS = (ConfigError, CheckError, LockHeldError, FileNotFoundError, ValueError)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,6 +70,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def run_train(args: argparse.Namespace) -> int:
     """Run `cptstream train` with parsed arguments and return the exit code."""
+    from cptstream.data import DataExhaustedError
     from cptstream.train import run
 
     _ensure_logging()
@@ -87,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
         config = load_config(args.config, overrides)
         return run(config, resume=args.resume, stop_after=args.stop_after)
-    except EXPECTED_ERRORS as err:
+    except (*EXPECTED_ERRORS, DataExhaustedError) as err:
         logger.error("%s", err)
         return 2
 
