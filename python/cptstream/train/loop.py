@@ -225,6 +225,10 @@ def _train(config: RunConfig, output: Path, rank: int, world_size: int, resume: 
     redirect = logging_redirect_tqdm()
     redirect.__enter__()
     try:
+        # A baseline before the first update, so the log shows how far validation perplexity falls.
+        if step == 0:
+            _evaluate_and_log(model, loaded, config, manifest, rank, world_size, step, writer)
+
         while step < max_steps:
             started = time.perf_counter()
             micro_batches = [_next_batch(batches, dataset, step) for _ in range(data.grad_accum)]
