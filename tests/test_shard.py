@@ -284,3 +284,18 @@ def test_compressed_and_parquet_inputs(tmp_path):
     assert counts["records_skipped"] == {"missing_field": 2, "null_field": 1}
     assert counts["docs_kept"] == 4
     assert counts["files_skipped"] == {"unsupported_file": 1}
+
+
+def test_real_llama3_bos_and_eos_once_per_doc(tmp_path):
+    from conftest import CACHE
+
+    llama3 = CACHE / "llama3"
+    if not (llama3 / "tokenizer.json").is_file():
+        pytest.skip(f"real Llama-3 tokenizer not built ({llama3})")
+    data = write_jsonl(tmp_path / "d.jsonl", ["Hello", "World"])
+    shard(tmp_path, [data], llama3, "--seq-len", "16")
+    manifest = read_manifest(tmp_path / "out")
+    assert (manifest["tokenizer"]["bos_id"], manifest["tokenizer"]["eos_id"]) == (128000, 128001)
+    (ids, lengths), = rows(tmp_path / "out")
+    docs = pieces(ids, lengths)
+    assert sorted(docs) == sorted([[128000, 9906, 128001], [128000, 10343, 128001]])
