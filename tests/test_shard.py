@@ -299,3 +299,37 @@ def test_real_llama3_bos_and_eos_once_per_doc(tmp_path):
     (ids, lengths), = rows(tmp_path / "out")
     docs = pieces(ids, lengths)
     assert sorted(docs) == sorted([[128000, 9906, 128001], [128000, 10343, 128001]])
+
+
+def test_duplicates_and_filters_counted_from_config_file(tmp_path):
+    tok_dir = make_wordlevel_tokenizer(tmp_path / "tok", WORDS)
+    texts = ["w1 w2", "w1 w2", "w1  w2  \r\n", "w3", "w4 w5 w6", "!!! ### $$$ w7"]
+    data = write_jsonl(tmp_path / "d.jsonl", texts)
+    config = tmp_path / "shard.yaml"
+    config.write_text("seq_len: 16\nclean:\n  min_chars: 3\n", encoding="utf-8")
+    shard(tmp_path, [data], tok_dir, "--config", str(config))
+    manifest = read_manifest(tmp_path / "out")
+    # "w1  w2  \r\n" cleans to "w1  w2", which differs from "w1 w2" by a space: not a duplicate.
+    assert manifest["counts"]["docs_dropped"] == {"duplicate": 1, "too_short": 1, "symbol_ratio": 1}
+    assert manifest["counts"]["docs_kept"] == 3
+    assert manifest["config"]["clean"]["min_chars"] == 3
+    assert manifest["seq_len"] == 16
+
+    # Without deduplication the copy stays.
+    shard(tmp_path, [data], tok_dir, "--config", str(config), "--no-dedup", out="nodedup")
+    assert read_manifest(tmp_path / "nodedup")["counts"]["docs_kept"] == 4
+
+
+def test_resume_on_complete_output_is_a_no_op(tmp_path):
+    tok_dir = make_wordlevel_tokenizer(tmp_path / "tok", WORDS)
+    data = write_jsonl(tmp_path / "d.jsonl", ["w1 w2", "w3"])
+    shard(tmp_path, [data], tok_dir, "--seq-len", "8")
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+
+    again = shard(tmp_path, [data], tok_dir, "--seq-len", "8", check=False)
+    assert again.returncode == 2
+    assert "--resume" in again.stderr
+
+    resumed = shard(tmp_path, [data], tok_dir, "--seq-len", "8", "--resume")
+    assert "already complete" in resumed.stderr
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
