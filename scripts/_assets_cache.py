@@ -30,6 +30,7 @@ __all__ = [
     "publish_dir",
     "pypi_download_sdist",
     "read_stamp",
+    "remove_stale_temporaries",
     "sha256_file",
     "staging_dir",
 ]
@@ -76,6 +77,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the hidden `.*.tmp` and `.*.old` entries that a killed run leaves in `directory`.
+
+    NOTE: this also deletes the work of a concurrent run on the same cache, which is not supported.
+    """
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith((".tmp", ".old")):
+            logger.info("removing %s, left by an interrupted run", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def read_stamp(directory: Path) -> dict | None:
@@ -181,12 +198,12 @@ def pip_download_wheel(name: str, version: str, filename: str, sha256: str, dest
 
     logger.info("pip download %s==%s", name, version)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".pip-", suffix=".tmp") as tmp:
         cmd = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
             "--disable-pip-version-check", "--dest", tmp, f"{name}=={version}",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"pip download {name}=={version} failed (exit {proc.returncode}); "
@@ -215,8 +232,8 @@ def apt_download(package: str, dest_dir: Path) -> Path:
 
     logger.info("apt-get download %s", package)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
-        proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".apt-", suffix=".tmp") as tmp:
+        proc = subprocess.run(["apt-get", "download", package], check=False, cwd=tmp, capture_output=True, text=True)
         debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
         if proc.returncode != 0 or not debs:
             raise RuntimeError(

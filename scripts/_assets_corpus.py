@@ -144,12 +144,15 @@ def _manpages_zh(root: Path, notes: dict) -> list[Document]:
         if isinstance(err, ManRenderError):
             failed[err.reason] = failed.get(err.reason, 0) + 1
             logger.warning("skipped man page %s", err)
-    notes.update(rendered=len(pages) - sum(failed.values()), aliases_skipped=aliases, failed=dict(sorted(failed.items())))
+    notes.update(
+        rendered=len(pages) - sum(failed.values()), aliases_skipped=aliases, failed=dict(sorted(failed.items()))
+    )
     logger.info("man pages: %(rendered)d rendered, %(failed)s failed, %(aliases_skipped)d aliases skipped", notes)
-    return [
-        Document(str(path.relative_to(man_root).with_suffix("")), lambda r=result: None if isinstance(r, Exception) else r)
-        for (path, _), result in zip(pages, results)
-    ]
+    docs = []
+    for (path, _), result in zip(pages, results):
+        text = None if isinstance(result, ManRenderError) else result
+        docs.append(Document(str(path.relative_to(man_root).with_suffix("")), lambda text=text: text))
+    return docs
 
 
 # Chinese sources come first because the English budget depends on how much Chinese text exists.
@@ -166,7 +169,7 @@ SOURCES = (
 def _select(docs: list[Document], budget: int) -> list[tuple[str, str]]:
     """Take documents in SHA-1 order of their keys while they fit in `budget` UTF-8 bytes."""
     order = sorted(docs, key=lambda d: hashlib.sha1(d.key.encode()).hexdigest())
-    taken, used = [], 0
+    selected, used = [], 0
     for doc in order:
         # Stop scanning once the budget is 99% full, because each further page only costs conversion time.
         if used >= 0.99 * budget:
@@ -177,9 +180,9 @@ def _select(docs: list[Document], budget: int) -> list[tuple[str, str]]:
         size = len(text.encode("utf-8"))
         if used + size > budget:
             continue
-        taken.append((doc.key, text))
+        selected.append((doc.key, text))
         used += size
-    return sorted(taken)
+    return sorted(selected)
 
 
 def _jsonl_bytes(rows: list[tuple[str, str]], package: str) -> bytes:
@@ -188,12 +191,14 @@ def _jsonl_bytes(rows: list[tuple[str, str]], package: str) -> bytes:
 
 
 def _write_output(path: Path, rows: list[tuple[str, str]], package: str) -> None:
-    """Write rows in the format that the file name asks for; a name without a suffix is a .txt directory."""
+    """Write rows in the format given by the file name's suffix. A name without a suffix becomes a directory of .txt files."""
     name = path.name
     if name.endswith(".jsonl.zst"):
         import zstandard
 
-        atomic_write_bytes(path, zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0).compress(_jsonl_bytes(rows, package)))
+        atomic_write_bytes(
+            path, zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0).compress(_jsonl_bytes(rows, package))
+        )
     elif name.endswith(".jsonl.gz"):
         atomic_write_bytes(path, gzip.compress(_jsonl_bytes(rows, package), compresslevel=GZIP_LEVEL, mtime=0))
     elif name.endswith(".jsonl"):
@@ -237,7 +242,7 @@ def build_corpus(staged: Path, debs_dir: Path, corpus_mb: float) -> dict:
     en_share = sum(s.share for s in en_sources)
 
     # Package trees are large (linux-doc is about 200 MB unpacked), so they live only for this build.
-    with tempfile.TemporaryDirectory(dir=staged.parent, prefix=".corpus-work.") as work:
+    with tempfile.TemporaryDirectory(dir=staged.parent, prefix=".corpus-work.", suffix=".tmp") as work:
         for source in SOURCES:
             deb = apt_download(source.package, debs_dir)
             record["packages"][source.package] = {"version": deb_version(deb), "deb": deb.name}

@@ -118,9 +118,10 @@ class ManRenderError(Exception):
 
 
 def _run_filter(cmd: list[str], data: bytes, path: Path) -> bytes:
-    # coreutils `timeout` kills the filter itself; the subprocess timeout is a backstop if `timeout` hangs.
+    # coreutils `timeout` kills the filter itself, and the subprocess timeout is a backstop if `timeout` hangs.
     proc = subprocess.run(
         ["timeout", str(MAN_TIMEOUT_S), *cmd],
+        check=False,
         input=data,
         capture_output=True,
         timeout=MAN_TIMEOUT_S + 5,
@@ -139,7 +140,7 @@ def render_man_page(path: Path, source: bytes) -> str:
     Raises:
         ManRenderError: groff failed, timed out, or produced no text.
     """
-    # preconv turns UTF-8 input into groff escapes; -P-cbou asks grotty for plain characters.
+    # preconv turns UTF-8 input into groff escapes, and -P-cbou makes grotty print plain characters without overstrikes.
     utf8 = _run_filter(["preconv", "-e", "UTF-8"], source, path)
     rendered = _run_filter(["groff", "-t", "-mandoc", "-Tutf8", "-P-cbou"], utf8, path)
     text = tidy_text(rendered.decode("utf-8", errors="replace"))

@@ -6,8 +6,8 @@ and the rest of the pipeline is set to match Qwen2's published tokenizer.json (N
 byte-level, no BOS). Llama-3: vocab and merges come from llama.cpp's vocab-only
 `ggml-vocab-llama-bpe.gguf`, with the post-processor that prepends `<|begin_of_text|>`.
 
-Reference vectors: llama.cpp's `models/ggml-vocab-*.gguf.inp` holds test strings, each followed by a
-`__ggml_vocab_test__` line, and the matching `.out` holds one line of space-separated ids per string,
+Reference vectors: llama.cpp's `models/ggml-vocab-*.gguf.inp` contains test strings, each followed by a
+`__ggml_vocab_test__` line, and the matching `.out` contains one line of space-separated ids per string,
 produced by the models' own Hugging Face tokenizers. A build is published only if every id matches.
 """
 
@@ -34,15 +34,11 @@ __all__ = [
 logger = logging.getLogger("fetch_assets")
 
 # Qwen2's pre-tokenizer split: one digit per piece, unlike cl100k and Llama-3, which take up to three.
-QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN2_VOCAB_SIZE = 151643
 QWEN2_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 
-LLAMA3_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+LLAMA3_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 LLAMA3_BOS = ("<|begin_of_text|>", 128000)
 LLAMA3_EOS = ("<|end_of_text|>", 128001)
 LLAMA3_VOCAB_SIZE = 128256
@@ -79,7 +75,8 @@ def check_reference_vectors(tokenizer: Tokenizer, cases: list[tuple[str, list[in
             mismatches.append(f"  {text[:60]!r}: got {actual[:16]}, expected {expected[:16]}")
     if mismatches:
         raise ValueError(
-            f"{label}: {len(mismatches)} of {len(cases)} reference strings encode differently:\n" + "\n".join(mismatches)
+            f"{label}: {len(mismatches)} of {len(cases)} reference strings encode differently:\n"
+            + "\n".join(mismatches)
         )
     logger.info("%s: all %d reference strings match", label, len(cases))
 
@@ -92,7 +89,9 @@ def build_qwen2(tiktoken_file: Path) -> Tokenizer:
     try:
         from transformers.convert_slow_tokenizer import TikTokenConverter
     except ImportError as err:
-        raise RuntimeError("transformers is required to convert qwen.tiktoken; install the project's dependencies") from err
+        raise RuntimeError(
+            "transformers is required to convert qwen.tiktoken; install the project's dependencies"
+        ) from err
 
     # The converter reads the ranks with tiktoken.load and derives each token's merge from the ranks
     # of its two halves, so ranks order the merges as they order tiktoken's own BPE.
@@ -122,7 +121,7 @@ def build_qwen2(tiktoken_file: Path) -> Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
-    # Only offset bookkeeping: Qwen2 adds no BOS or EOS when encoding.
+    # The byte-level post-processor only fixes offsets, because Qwen2 adds no BOS or EOS when encoding.
     tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
 
@@ -216,7 +215,7 @@ def build_llama3(gguf_file: Path, gguf_py_dir: Path) -> Tokenizer:
         if tokenizer.token_to_id(content) != expected_id:
             raise ValueError(f"{gguf_file}: {content} has id {tokenizer.token_to_id(content)}, expected {expected_id}")
 
-    # Llama-3 prepends BOS to every sequence and appends no EOS; training code adds EOS between documents.
+    # Llama-3 prepends BOS to every sequence and appends no EOS. Training code adds EOS between documents.
     tokenizer.post_processor = processors.Sequence(
         [
             processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),

@@ -34,6 +34,7 @@ from _assets_cache import (
     publish_dir,
     pypi_download_sdist,
     read_stamp,
+    remove_stale_temporaries,
     sha256_file,
     staging_dir,
 )
@@ -56,7 +57,7 @@ LLAMA_CPP_PYTHON = {
     "version": "0.3.36",
     "sha256": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
 }
-# Reference vector pairs copied from the sdist's vendored llama.cpp; qwen2 and llama-bpe gate the builds.
+# Reference vector pairs copied from the sdist's vendored llama.cpp. The qwen2 and llama-bpe pairs gate the builds.
 REFERENCE_VOCABS = ("qwen2", "llama-bpe", "gpt-2")
 LLAMA3_GGUF = "models/ggml-vocab-llama-bpe.gguf"
 
@@ -91,7 +92,7 @@ def fetch_llama_cpp(cache: Path) -> tuple[Path, Path]:
     sdist = pypi_download_sdist(
         LLAMA_CPP_PYTHON["name"], LLAMA_CPP_PYTHON["version"], LLAMA_CPP_PYTHON["sha256"], cache / "downloads"
     )
-    wanted_reference = {f"models/ggml-vocab-{v}.gguf.{ext}" for v in REFERENCE_VOCABS for ext in ("inp", "out")}
+    reference_members = {f"models/ggml-vocab-{v}.gguf.{ext}" for v in REFERENCE_VOCABS for ext in ("inp", "out")}
     ref_staged, vendor_staged = staging_dir(reference), staging_dir(vendor)
 
     # Member names are matched against fixed relative paths and written by hand, so no archive path
@@ -105,7 +106,7 @@ def fetch_llama_cpp(cache: Path) -> tuple[Path, Path]:
                 continue
             rel = member.name.removeprefix(prefix)
             is_gguf_py = rel.startswith("gguf-py/gguf/") and rel.endswith(".py") and ".." not in rel
-            if rel in wanted_reference:
+            if rel in reference_members:
                 targets = [ref_staged / Path(rel).name]
             elif rel == LLAMA3_GGUF or is_gguf_py:
                 targets = [vendor_staged / rel]
@@ -117,9 +118,9 @@ def fetch_llama_cpp(cache: Path) -> tuple[Path, Path]:
                 target.write_bytes(data)
             found.add(rel)
 
-    missing = (wanted_reference | {LLAMA3_GGUF, "gguf-py/gguf/__init__.py"}) - found
+    missing = (reference_members | {LLAMA3_GGUF, "gguf-py/gguf/__init__.py"}) - found
     if missing:
-        raise RuntimeError(f"{sdist} lacks {sorted(missing)} under vendor/llama.cpp; is the pinned version right?")
+        raise RuntimeError(f"{sdist} is missing {sorted(missing)} under vendor/llama.cpp; check the pinned version")
     publish_dir(ref_staged, reference, {"inputs": inputs})
     publish_dir(vendor_staged, vendor, {"inputs": inputs})
     return reference, vendor
@@ -130,8 +131,13 @@ def fetch_llama_cpp(cache: Path) -> tuple[Path, Path]:
 
 def fetch_qwen2(cache: Path, reference: Path) -> Path:
     """Build qwen2/ from dashscope's qwen.tiktoken and check it against the qwen2 reference vectors."""
-    from _assets_tokenizers import build_qwen2, check_reference_vectors, qwen2_tokenizer_config, read_reference_vectors
-    from _assets_tokenizers import write_tokenizer_dir
+    from _assets_tokenizers import (
+        build_qwen2,
+        check_reference_vectors,
+        qwen2_tokenizer_config,
+        read_reference_vectors,
+        write_tokenizer_dir,
+    )
 
     final = cache / "qwen2"
     inputs = {"recipe": TOKENIZER_RECIPE, "wheel": DASHSCOPE["wheel"], "sha256": DASHSCOPE["sha256"]}
@@ -146,7 +152,7 @@ def fetch_qwen2(cache: Path, reference: Path) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             ranks = zf.read(QWEN_TIKTOKEN_MEMBER)
     except KeyError as err:
-        raise RuntimeError(f"{wheel} has no {QWEN_TIKTOKEN_MEMBER}; is the pinned dashscope version right?") from err
+        raise RuntimeError(f"{wheel} is missing {QWEN_TIKTOKEN_MEMBER}; check the pinned dashscope version") from err
     tiktoken_file = downloads / "qwen.tiktoken"
     atomic_write_bytes(tiktoken_file, ranks)
 
@@ -157,15 +163,24 @@ def fetch_qwen2(cache: Path, reference: Path) -> Path:
 
     staged = staging_dir(final)
     write_tokenizer_dir(staged, tokenizer, qwen2_tokenizer_config())
-    stamp = {"inputs": inputs, "qwen_tiktoken_sha256": sha256_file(tiktoken_file), "reference_cases_matched": len(cases)}
+    stamp = {
+        "inputs": inputs,
+        "qwen_tiktoken_sha256": sha256_file(tiktoken_file),
+        "reference_cases_matched": len(cases),
+    }
     publish_dir(staged, final, stamp)
     return final
 
 
 def fetch_llama3(cache: Path, reference: Path, vendor: Path) -> Path:
     """Build llama3/ from llama.cpp's Llama-3 vocab GGUF and check it against the llama-bpe vectors."""
-    from _assets_tokenizers import build_llama3, check_reference_vectors, llama3_tokenizer_config
-    from _assets_tokenizers import read_reference_vectors, write_tokenizer_dir
+    from _assets_tokenizers import (
+        build_llama3,
+        check_reference_vectors,
+        llama3_tokenizer_config,
+        read_reference_vectors,
+        write_tokenizer_dir,
+    )
 
     final = cache / "llama3"
     inputs = {"recipe": TOKENIZER_RECIPE, "sdist": f"{LLAMA_CPP_PYTHON['name']}=={LLAMA_CPP_PYTHON['version']}"}
@@ -220,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fetch_assets: %(message)s", stream=sys.stderr)
     start = time.perf_counter()
     cache = args.cache.expanduser().resolve()
+    for directory in (cache, cache / "downloads", cache / "downloads" / "debs"):
+        remove_stale_temporaries(directory)
+
     try:
         reference, vendor = fetch_llama_cpp(cache)
         outputs = [reference, fetch_qwen2(cache, reference), fetch_llama3(cache, reference, vendor)]
