@@ -13,8 +13,7 @@ RUN="${CPTSTREAM_RUN:-runs/demo}"
 PY=.venv/bin/python
 CLI=.venv/bin/cptstream
 
-# ---- real input ----
-$PY scripts/fetch_assets.py --cache "$CPTSTREAM_CACHE" >/dev/null
+# ---- real input, fetched by setup.sh ----
 TOKENIZER="$CPTSTREAM_CACHE/qwen2"
 CORPUS="$CPTSTREAM_CACHE/corpus"
 

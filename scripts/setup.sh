@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for cptstream: a virtual environment in .venv with the pinned
-# dependencies and the Rust extension built in release mode. Idempotent; a second run takes
-# seconds. Downloads and build outputs are cached under $CPTSTREAM_CACHE (default
-# ~/.cache/cptstream), which is kept between runs.
+# dependencies, the Rust extension built in release mode, and the real input (tokenizers and
+# corpus, see docs/real-input.md). Idempotent, so a second run takes seconds. Downloads and build
+# outputs are cached under $CPTSTREAM_CACHE (default ~/.cache/cptstream), kept between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,4 +33,10 @@ else
     # Rebuild the extension in place; maturin skips Cargo work that is up to date.
     .venv/bin/maturin develop --release --quiet >/dev/null
 fi
+
+# The corpus comes from Debian packages; a fresh machine may have no package lists yet.
+if [ ! -d "$CPTSTREAM_CACHE/corpus" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+fi
+.venv/bin/python scripts/fetch_assets.py --cache "$CPTSTREAM_CACHE" >/dev/null
 .venv/bin/python -c "import cptstream, sys; print(f'cptstream {cptstream.__version__} ready in {sys.prefix}')"
