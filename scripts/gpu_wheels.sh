@@ -197,6 +197,21 @@ if [ ! -f "$DEST/assets/corpus/zh-debian-reference.jsonl.gz" ] ||
     gzip -9 -n -c "$CACHE/corpus/zh-debian-reference.jsonl" >"$DEST/assets/corpus/zh-debian-reference.jsonl.gz"
 fi
 
+# ---- install check ----
+# pip on the GPU machine rejects a wheel whose tags do not fit CPython 3.12 on its glibc, and that
+# stops the whole install there, so ask pip here with the same tags. NOTE: the machine's glibc has
+# not been read; 2.35 (Ubuntu 22.04) is a floor below Ubuntu 24.04's 2.39, whose Python is 3.12.3.
+GLIBC_MINOR="${GPU_GLIBC_MINOR:-35}"
+platforms=()
+for minor in $(seq 17 "$GLIBC_MINOR"); do
+    platforms+=(--platform "manylinux_2_${minor}_x86_64")
+done
+if ! "$PY" -m pip install --quiet --dry-run --no-index --no-deps --only-binary=:all: --target "$(mktemp -d)" \
+    --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none "${platforms[@]}" "$DEST"/*.whl; then
+    echo "error: pip would not install $DEST/*.whl on CPython 3.12 with glibc 2.$GLIBC_MINOR (see above)" >&2
+    exit 1
+fi
+
 # ---- size check ----
 ls -l "$DEST"/*.whl | awk '{printf "  %8.1f MiB  %s\n", $5 / 1048576, $9}'
 total_bytes="$(du -sb "$DEST" | cut -f1)"
