@@ -1,8 +1,8 @@
 """GPU check of `cptstream train`: both backends on one Qwen2.5-0.5B-sized model and the same shards.
 
 `run` builds a randomly initialized Qwen2 model with Qwen2.5-0.5B's shape (hidden 896, 24 layers,
-14 query and 2 key/value heads, MLP 4864, tied embeddings) sized to the shards' tokenizer, saves
-it in bf16 with the tokenizer files beside it, and then trains a LoRA with full `embed_tokens` and
+14 query and 2 key/value heads, MLP 4864, tied embeddings), sized to the shards' tokenizer. It
+saves the model in bf16 with the tokenizer files beside it, and then trains a LoRA with full `embed_tokens` and
 `lm_head` for a fixed number of steps with each backend in turn. Every backend runs in its own
 `cptstream train` process because importing unsloth patches transformers' Qwen2 classes for the
 whole process, so an hf run after it in the same process would time Unsloth's kernels. The
@@ -69,7 +69,7 @@ OFFLINE_ENV = {
 
 
 def say(message: str) -> None:
-    """Print one progress line; this is a script, and its output is the GPU check's log."""
+    """Print one progress line, because this output is the GPU check's log."""
     print(f"[gpu_train] {message}", flush=True)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: shard real text with the real Qwen2 tokenizer, then train the unsloth and the hf
-# backend for the same number of steps on one Qwen2.5-0.5B-sized model, and report tokens/s,
-# peak GPU memory and the final loss of each (benches/gpu_train.py does the training part).
+# backend for the same number of steps on one Qwen2.5-0.5B-sized model. It reports tokens/s,
+# peak GPU memory and the final loss of each, and benches/gpu_train.py does the training part.
 #
 # It runs on the lent GPU machine (no network), over the working tree plus .whl/, which
 # `bash scripts/gpu_wheels.sh` fills here first. Planned for about 5 minutes on one H200:
@@ -44,7 +44,7 @@ step() {
 install_wheels() {
     step "installing .whl/*.whl into $SITE"
     if ! ls .whl/*.whl >/dev/null 2>&1; then
-        echo "error: no wheels in .whl/; run 'bash scripts/gpu_wheels.sh' on the preparing machine and carry .whl" >&2
+        echo "error: no wheels in .whl/; run 'bash scripts/gpu_wheels.sh' on the development machine and carry .whl" >&2
         return 1
     fi
     ls -l .whl/*.whl | awk '{printf "  %6.1f MiB  %s\n", $5 / 1048576, $9}'

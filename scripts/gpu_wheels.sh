@@ -78,8 +78,8 @@ for spec in "${PACKAGES[@]}"; do
 done
 
 # ---- copy or repack into .whl/ ----
-# Repack: unpack, delete the listed paths (globs relative to the wheel root), pack again; `wheel pack`
-# rewrites RECORD, so pip installs the trimmed wheel without hash errors.
+# Repack: unpack, delete the listed paths (globs relative to the wheel root) and pack again.
+# `wheel pack` rewrites RECORD, so pip installs the trimmed wheel without hash errors.
 repack() {
     local source="$1"
     shift
