@@ -46,7 +46,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--floor-method", default="encode_batch_fast", choices=["encode_batch_fast", "encode_batch"],
                    help="tokenizers method of the floor (default encode_batch_fast, ids only like the Rust pipeline)")
     p.add_argument("--work-dir", help="keep outputs and job logs here (default: a temporary directory, removed)")
-    p.add_argument("--json", default="bench-shard.json", help="where to write the figures (default bench-shard.json)")
+    p.add_argument("--json", default="runs/bench-shard.json", help="where to write the figures (default runs/bench-shard.json)")
     p.set_defaults(func=_cmd_shard)
 
     p = commands.add_parser(
@@ -64,7 +64,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; tables show medians (default 3)")
     p.add_argument("--max-rows", type=int, default=0, help="rows per run, 0 for one whole epoch (default 0)")
     p.add_argument("--work-dir", help="keep shards made here and job logs (default: a temporary directory, removed)")
-    p.add_argument("--json", default="bench-load.json", help="where to write the figures (default bench-load.json)")
+    p.add_argument("--json", default="runs/bench-load.json", help="where to write the figures (default runs/bench-load.json)")
     p.set_defaults(func=_cmd_load)
 
 
