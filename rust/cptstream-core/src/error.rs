@@ -17,6 +17,8 @@ pub enum Error {
     ShardFormat { path: PathBuf, message: String },
     /// The run was interrupted from outside (Ctrl-C); the last checkpoint stays valid.
     Interrupted,
+    /// A panic (a bug in cptstream or a library it calls) caught at `context`, e.g. `FILE:LINE`.
+    Panic { context: String, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -40,7 +42,23 @@ impl fmt::Display for Error {
             Error::InvalidInput { message } => f.write_str(message),
             Error::ShardFormat { path, message } => write!(f, "{}: {}", path.display(), message),
             Error::Interrupted => f.write_str("interrupted; rerun with --resume to continue from the last checkpoint"),
+            Error::Panic { context, message } => write!(
+                f,
+                "internal error while processing {context}: {message}; this is a bug in cptstream, please report it \
+                 with this message (the last checkpoint stays valid for --resume)"
+            ),
         }
+    }
+}
+
+/// Return the text of a panic payload (`panic!` with a literal or a formatted message).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-text payload".to_owned()
     }
 }
 

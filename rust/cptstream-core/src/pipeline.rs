@@ -10,18 +10,25 @@
 //! the counts, the packer state, both writers' states and the length of the deduplication log.
 //! `--resume` restores all of it and re-reads the input from the cursor, which gives the same
 //! bytes as a run that never stopped.
+//!
+//! A panic never unwinds out of [`run`]: a panic while preparing one document is caught on the
+//! worker thread and reported with that document's `FILE:LINE`, and any other panic is caught
+//! around the whole run and reported with the file, record and stage last recorded in
+//! [`Position`]. Both become [`Error::Panic`].
 
 use crate::clean::{clean, filter};
 use crate::config::{OnError, Packing, ShardConfig};
 use crate::dedup::{hash_text, Dedup};
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 use crate::pack::{BfdPacker, ConcatPacker, Packer, Row};
 use crate::read::{self, FileError, Item, Options};
 use crate::shard::{write_atomic, ShardWriter, WriterState};
 use crate::tokenize::DocTokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -32,6 +39,8 @@ const BATCH_BYTES: usize = 16 << 20;
 /// Locations kept per reason in the summary; the counts stay exact.
 const MAX_EXAMPLES: usize = 5;
 pub const STATE_DIR: &str = ".cptstream";
+/// Environment variable for tests: a document that contains its value panics while it is prepared.
+pub const TEST_PANIC_MARKER_ENV: &str = "CPTSTREAM_TEST_PANIC_MARKER";
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Counts {
@@ -97,10 +106,38 @@ pub struct Outcome {
 enum Prepared {
     Dropped(&'static str),
     Keep { text_len: usize, hash: u128, tokens: Result<Vec<u32>> },
+    Panicked(String),
+}
+
+/// Where the coordinating thread is, kept outside the run so a caught panic can name it.
+#[derive(Default)]
+struct Position {
+    file: RefCell<String>,
+    record: Cell<u64>,
+    stage: Cell<&'static str>,
+}
+
+impl Position {
+    fn enter(&self, stage: &'static str, record: u64) {
+        self.stage.set(stage);
+        self.record.set(record);
+    }
+
+    fn describe(&self) -> String {
+        let file = self.file.borrow();
+        let stage = self.stage.get();
+        if file.is_empty() {
+            format!("the run setup ({stage})")
+        } else {
+            format!("{file}:{} ({stage})", self.record.get())
+        }
+    }
 }
 
 struct Run<'a> {
     cfg: &'a ShardConfig,
+    position: &'a Position,
+    panic_marker: Option<String>,
     out: PathBuf,
     tokenizer: DocTokenizer,
     counts: Counts,
@@ -111,7 +148,22 @@ struct Run<'a> {
     files: Vec<String>,
 }
 
+/// Run one shard job; see the module documentation. `progress` returning false stops the run
+/// with [`Error::Interrupted`].
 pub fn run(cfg: &ShardConfig, resume: bool, progress: &mut dyn FnMut(&Progress) -> bool) -> Result<Outcome> {
+    let position = Position::default();
+    position.enter("loading the tokenizer and listing inputs", 0);
+    catch_unwind(AssertUnwindSafe(|| run_unguarded(cfg, resume, progress, &position))).unwrap_or_else(|payload| {
+        Err(Error::Panic { context: position.describe(), message: panic_message(&*payload) })
+    })
+}
+
+fn run_unguarded(
+    cfg: &ShardConfig,
+    resume: bool,
+    progress: &mut dyn FnMut(&Progress) -> bool,
+    position: &Position,
+) -> Result<Outcome> {
     cfg.validate()?;
     let started = Instant::now();
 
@@ -162,6 +214,8 @@ pub fn run(cfg: &ShardConfig, resume: bool, progress: &mut dyn FnMut(&Progress) 
     let file_names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     let mut run = Run {
         cfg,
+        position,
+        panic_marker: std::env::var(TEST_PANIC_MARKER_ENV).ok().filter(|m| !m.is_empty()),
         out: out.clone(),
         tokenizer,
         counts: Counts::default(),
@@ -214,6 +268,7 @@ pub fn run(cfg: &ShardConfig, resume: bool, progress: &mut dyn FnMut(&Progress) 
     }
 
     // ---- flush the packers and writers, then the manifest ----
+    position.enter("writing the last shards and the manifest", 0);
     for split in 0..2 {
         run.packers[split].finish(&mut run.rows);
         run.write_rows(split)?;
@@ -225,6 +280,18 @@ pub fn run(cfg: &ShardConfig, resume: bool, progress: &mut dyn FnMut(&Progress) 
     let _ = std::fs::remove_dir_all(out.join(STATE_DIR));
     progress(&live);
     Ok(Outcome { manifest, already_complete: false, resumed })
+}
+
+/// Clean, filter, hash and tokenize one document; runs on the worker threads.
+fn prepare(text: &str, cfg: &ShardConfig, tokenizer: &DocTokenizer, panic_marker: Option<&str>) -> Prepared {
+    if let Some(marker) = panic_marker {
+        assert!(!text.contains(marker), "test panic: the document contains {TEST_PANIC_MARKER_ENV}={marker:?}");
+    }
+    let cleaned = clean(text, &cfg.clean);
+    match filter(&cleaned, &cfg.clean) {
+        Some(reason) => Prepared::Dropped(reason.as_str()),
+        None => Prepared::Keep { text_len: text.len(), hash: hash_text(&cleaned), tokens: tokenizer.encode_doc(&cleaned) },
+    }
 }
 
 impl Run<'_> {
@@ -240,6 +307,8 @@ impl Run<'_> {
         progress: &mut dyn FnMut(&Progress) -> bool,
     ) -> Result<()> {
         let shown = path.display().to_string();
+        *self.position.file.borrow_mut() = shown.clone();
+        self.position.enter("opening the file", 0);
         let mut reader = match read::open(path, opts) {
             Ok(r) => r,
             Err(e) => return self.file_failed(&shown, 0, e),
@@ -252,6 +321,7 @@ impl Run<'_> {
             let mut bytes = 0usize;
             let mut failure = None;
             while items.len() < BATCH_DOCS && bytes < BATCH_BYTES {
+                self.position.enter("reading", consumed + 1);
                 match reader.next_item() {
                     Ok(Some(item)) => {
                         consumed += 1;
@@ -273,23 +343,18 @@ impl Run<'_> {
             let at_end = items.len() < BATCH_DOCS && bytes < BATCH_BYTES;
 
             // ---- clean, filter, hash and tokenize in parallel ----
-            let cfg = self.cfg;
-            let tokenizer = &self.tokenizer;
+            let first = items.first().map_or(consumed, |(record, _)| *record);
+            self.position.enter("cleaning and tokenizing a batch starting", first);
+            let (cfg, tokenizer, marker) = (self.cfg, &self.tokenizer, self.panic_marker.as_deref());
             let prepared: Vec<Option<Prepared>> = pool.install(|| {
                 items
                     .par_iter()
                     .map(|(_, item)| match item {
-                        Item::Doc { text, .. } => {
-                            let cleaned = clean(text, &cfg.clean);
-                            Some(match filter(&cleaned, &cfg.clean) {
-                                Some(reason) => Prepared::Dropped(reason.as_str()),
-                                None => Prepared::Keep {
-                                    text_len: text.len(),
-                                    hash: hash_text(&cleaned),
-                                    tokens: tokenizer.encode_doc(&cleaned),
-                                },
-                            })
-                        }
+                        // Caught per document, so the error names the document that panicked.
+                        Item::Doc { text, .. } => Some(
+                            catch_unwind(AssertUnwindSafe(|| prepare(text, cfg, tokenizer, marker)))
+                                .unwrap_or_else(|payload| Prepared::Panicked(panic_message(&*payload))),
+                        ),
                         Item::Skip { .. } => None,
                     })
                     .collect()
@@ -297,6 +362,7 @@ impl Run<'_> {
 
             // ---- in document order: counts, dedup, split, pack, write ----
             for ((record, item), prepared) in items.into_iter().zip(prepared) {
+                self.position.enter("deduplicating, packing and writing", record);
                 let finished_shard = self.handle(&shown, item, prepared)?;
                 if finished_shard {
                     self.save_checkpoint(file_index, record)?;
@@ -318,6 +384,10 @@ impl Run<'_> {
                 return self.file_failed(&shown, consumed + 1, e);
             }
             if at_end {
+                if consumed == 0 {
+                    *self.counts.files_skipped.entry("empty_file".into()).or_default() += 1;
+                    self.counts.note("empty_file", format!("{shown}: no records"));
+                }
                 return Ok(());
             }
         }
@@ -346,6 +416,7 @@ impl Run<'_> {
                 return Ok(false);
             }
             Prepared::Keep { text_len, hash, tokens } => (text_len, hash, tokens),
+            Prepared::Panicked(message) => return Err(Error::Panic { context: format!("{file}:{line}"), message }),
         };
         if let Some(dedup) = &mut self.dedup {
             if dedup.check_and_insert(hash)? {

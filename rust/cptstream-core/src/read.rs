@@ -4,130 +4,31 @@
 //! file), so a resume cursor is simply "records consumed in file N". Problems with one record are
 //! returned as [`Item::Skip`] with a reason and a 1-based line or row number; problems with the
 //! whole file are returned as [`FileError`] and reported by the caller.
+//!
+//! A damaged compressed file ends in an error, never in a silent end of file: zstd 0.13 reports a
+//! cut frame as `UnexpectedEof` ("incomplete frame") and flate2 1.x a cut deflate stream or
+//! trailer the same way (`tests/hostile_readers.rs` checks both). The line being read when the
+//! error arrives is dropped with the error, so a partial last line never becomes a document.
+//! A panic inside a decoder (arrow and parquet assert on some corrupt inputs) is caught and
+//! returned as a [`FileError`] of that file.
 
 use crate::config::Utf8Policy;
-use crate::error::{Error, Result};
-use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
-use arrow_schema::DataType;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
-use parquet::arrow::ProjectionMask;
+use crate::error::panic_message;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+mod discover;
+mod parquet;
+
+pub use discover::{detect, discover, Compression, Format};
+
+/// Bytes at the start of a JSONL or text stream checked by [`looks_binary`].
+const SNIFF_BYTES: usize = 8192;
 
 /// Longest record read into memory; longer JSONL lines and text files are skipped and counted.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 256 << 20;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Jsonl,
-    Parquet,
-    Text,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Zstd,
-    Gzip,
-}
-
-/// Detect format and compression from the file name; `None` for unsupported files.
-pub fn detect(path: &Path) -> Option<(Format, Compression)> {
-    let name = path.file_name()?.to_string_lossy().to_lowercase();
-    let (stem, compression) = if let Some(s) = name.strip_suffix(".zst") {
-        (s, Compression::Zstd)
-    } else if let Some(s) = name.strip_suffix(".zstd") {
-        (s, Compression::Zstd)
-    } else if let Some(s) = name.strip_suffix(".gz") {
-        (s, Compression::Gzip)
-    } else {
-        (name.as_str(), Compression::None)
-    };
-    let ext = stem.rsplit_once('.').map(|(_, e)| e)?;
-    let format = match ext {
-        "jsonl" | "ndjson" | "json" => Format::Jsonl,
-        "parquet" if compression == Compression::None => Format::Parquet,
-        "txt" | "text" | "md" | "markdown" | "rst" => Format::Text,
-        _ => return None,
-    };
-    Some((format, compression))
-}
-
-/// Expand inputs (files, directories, globs) into a sorted, duplicate-free file list, in the
-/// order the inputs were given. Files under a directory with an unsupported extension are
-/// returned in `unsupported` so that the summary can report them.
-pub fn discover(inputs: &[String]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let mut files = Vec::new();
-    let mut unsupported = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-
-    for input in inputs {
-        let mut matched: Vec<PathBuf> = Vec::new();
-        if input.contains(['*', '?', '[']) {
-            let paths = glob::glob(input).map_err(|e| Error::invalid(format!("invalid glob {input:?}: {e}")))?;
-            for entry in paths {
-                matched.push(entry.map_err(|e| Error::io(e.path().to_path_buf(), e.into()))?);
-            }
-            if matched.is_empty() {
-                return Err(Error::invalid(format!("input glob {input:?} matched no file")));
-            }
-            matched.sort();
-        } else {
-            let path = PathBuf::from(input);
-            let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-            if meta.is_file() && detect(&path).is_none() {
-                return Err(Error::invalid(format!(
-                    "{}: unsupported input type; expected .jsonl, .jsonl.zst, .jsonl.gz, .parquet, .txt or .md",
-                    path.display()
-                )));
-            }
-            matched.push(path);
-        }
-
-        for path in matched {
-            if path.is_dir() {
-                walk(&path, &mut files, &mut unsupported, &mut seen)?;
-            } else if detect(&path).is_some() {
-                if seen.insert(path.clone()) {
-                    files.push(path);
-                }
-            } else {
-                unsupported.push(path);
-            }
-        }
-    }
-    Ok((files, unsupported))
-}
-
-fn walk(
-    dir: &Path,
-    files: &mut Vec<PathBuf>,
-    unsupported: &mut Vec<PathBuf>,
-    seen: &mut std::collections::HashSet<PathBuf>,
-) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
-        .collect::<Result<_>>()?;
-    entries.sort();
-    for path in entries {
-        let name = path.file_name().map(|n| n.to_string_lossy().starts_with('.')).unwrap_or(false);
-        if name {
-            continue; // hidden files and folders, including our own .cptstream state
-        }
-        if path.is_dir() {
-            walk(&path, files, unsupported, seen)?;
-        } else if detect(&path).is_some() {
-            if seen.insert(path.clone()) {
-                files.push(path);
-            }
-        } else {
-            unsupported.push(path);
-        }
-    }
-    Ok(())
-}
 
 /// One record position of an input file.
 #[derive(Debug)]
@@ -154,20 +55,41 @@ pub struct Options {
     pub max_record_bytes: usize,
 }
 
-/// Open a reader for one file.
+/// Open a reader for one file. Panics of the decoders, here and in `next_item`, come back as
+/// a [`FileError`] of this file.
 pub fn open(path: &Path, opts: &Options) -> std::result::Result<Box<dyn RecordReader>, FileError> {
     let (format, compression) = detect(path).ok_or_else(|| FileError {
         reason: "unsupported_file",
         detail: "unsupported file extension".into(),
     })?;
-    let file = File::open(path).map_err(|e| FileError { reason: "unreadable", detail: e.to_string() })?;
+    let panic_reason = if format == Format::Parquet { "corrupt_parquet" } else { "reader_panic" };
+    let inner = catch_unwind(AssertUnwindSafe(|| open_unguarded(path, format, compression, opts)))
+        .unwrap_or_else(|payload| Err(decoder_panicked(panic_reason, payload)))?;
+    Ok(Box::new(Guarded { inner: Some(inner), panic_reason }))
+}
 
+fn open_unguarded(
+    path: &Path,
+    format: Format,
+    compression: Compression,
+    opts: &Options,
+) -> std::result::Result<Box<dyn RecordReader>, FileError> {
+    let file = File::open(path).map_err(|e| FileError { reason: "unreadable", detail: e.to_string() })?;
+    // A 0-byte file is empty whatever its extension says; zstd, gzip and Parquet would call it damaged.
+    if file.metadata().is_ok_and(|m| m.len() == 0) {
+        return Ok(Box::new(NoRecords));
+    }
     match format {
-        Format::Parquet => Ok(Box::new(ParquetReader::open(file, &opts.text_field)?)),
+        Format::Parquet => Ok(Box::new(parquet::ParquetReader::open(file, &opts.text_field)?)),
         Format::Jsonl => {
-            let stream = decompress(file, compression)?;
+            let mut input = decompress(file, compression)?;
+            let head = input.fill_buf().map_err(|e| stream_error(e, compression))?;
+            if looks_binary(&head[..head.len().min(SNIFF_BYTES)]) {
+                return Err(not_text());
+            }
             Ok(Box::new(JsonlReader {
-                input: stream,
+                input,
+                compression,
                 line: 0,
                 buf: Vec::new(),
                 field: opts.text_field.clone(),
@@ -176,8 +98,46 @@ pub fn open(path: &Path, opts: &Options) -> std::result::Result<Box<dyn RecordRe
             }))
         }
         Format::Text => {
-            let stream = decompress(file, compression)?;
-            Ok(Box::new(TextReader { input: Some(stream), utf8: opts.utf8, max_bytes: opts.max_record_bytes }))
+            let input = decompress(file, compression)?;
+            Ok(Box::new(TextReader { input: Some(input), compression, utf8: opts.utf8, max_bytes: opts.max_record_bytes }))
+        }
+    }
+}
+
+fn decoder_panicked(reason: &'static str, payload: Box<dyn std::any::Any + Send>) -> FileError {
+    FileError { reason, detail: format!("the decoder panicked: {}", panic_message(&*payload)) }
+}
+
+fn not_text() -> FileError {
+    FileError { reason: "not_text", detail: "file content is binary, not text".into() }
+}
+
+struct NoRecords;
+
+impl RecordReader for NoRecords {
+    fn next_item(&mut self) -> std::result::Result<Option<Item>, FileError> {
+        Ok(None)
+    }
+}
+
+/// A reader whose panics become a [`FileError`]; after one, the file is treated as ended.
+struct Guarded {
+    inner: Option<Box<dyn RecordReader>>,
+    panic_reason: &'static str,
+}
+
+impl RecordReader for Guarded {
+    fn next_item(&mut self) -> std::result::Result<Option<Item>, FileError> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(None);
+        };
+        match catch_unwind(AssertUnwindSafe(|| inner.next_item())) {
+            Ok(result) => result,
+            Err(payload) => {
+                // A reader that panicked may hold broken state, so it is never called again.
+                self.inner = None;
+                Err(decoder_panicked(self.panic_reason, payload))
+            }
         }
     }
 }
@@ -195,12 +155,14 @@ fn decompress(file: File, compression: Compression) -> std::result::Result<Box<d
     })
 }
 
-fn stream_error(e: std::io::Error, compression_hint: &'static str) -> FileError {
-    let reason = match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => "truncated",
-        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Other => {
-            compression_hint
-        }
+/// Classify a read error: a stream that ends early is `truncated`, bad compressed data is
+/// `corrupt_zstd` or `corrupt_gzip`, anything else (an I/O failure) is `read_error`.
+fn stream_error(e: std::io::Error, compression: Compression) -> FileError {
+    use std::io::ErrorKind;
+    let reason = match (e.kind(), compression) {
+        (ErrorKind::UnexpectedEof, _) => "truncated",
+        (ErrorKind::InvalidData | ErrorKind::InvalidInput | ErrorKind::Other, Compression::Zstd) => "corrupt_zstd",
+        (ErrorKind::InvalidData | ErrorKind::InvalidInput | ErrorKind::Other, Compression::Gzip) => "corrupt_gzip",
         _ => "read_error",
     };
     FileError { reason, detail: e.to_string() }
@@ -246,6 +208,7 @@ fn decode_utf8(bytes: Vec<u8>, policy: Utf8Policy) -> std::result::Result<String
 
 struct JsonlReader {
     input: Box<dyn BufRead>,
+    compression: Compression,
     line: u64,
     buf: Vec<u8>,
     field: String,
@@ -256,7 +219,7 @@ struct JsonlReader {
 impl RecordReader for JsonlReader {
     fn next_item(&mut self) -> std::result::Result<Option<Item>, FileError> {
         let (n, newline) = read_line_bounded(&mut *self.input, &mut self.buf, self.max_bytes)
-            .map_err(|e| stream_error(e, "corrupt_compressed"))?;
+            .map_err(|e| stream_error(e, self.compression))?;
         if n == 0 {
             return Ok(None);
         }
@@ -364,6 +327,7 @@ pub fn looks_binary(head: &[u8]) -> bool {
 
 struct TextReader {
     input: Option<Box<dyn BufRead>>,
+    compression: Compression,
     utf8: Utf8Policy,
     max_bytes: usize,
 }
@@ -375,13 +339,13 @@ impl RecordReader for TextReader {
         };
         let mut bytes = Vec::new();
         let limit = self.max_bytes as u64 + 1;
-        input.take(limit).read_to_end(&mut bytes).map_err(|e| stream_error(e, "corrupt_compressed"))?;
+        input.take(limit).read_to_end(&mut bytes).map_err(|e| stream_error(e, self.compression))?;
         if bytes.len() > self.max_bytes {
             let detail = format!("file longer than {} bytes", self.max_bytes);
             return Ok(Some(Item::Skip { line: 1, reason: "record_too_large", detail }));
         }
-        if looks_binary(&bytes[..bytes.len().min(8192)]) {
-            return Err(FileError { reason: "not_text", detail: "file content is binary, not text".into() });
+        if looks_binary(&bytes[..bytes.len().min(SNIFF_BYTES)]) {
+            return Err(not_text());
         }
         if bytes.starts_with(b"\xEF\xBB\xBF") {
             bytes.drain(..3);
@@ -391,71 +355,6 @@ impl RecordReader for TextReader {
             Err(offset) => {
                 let detail = format!("invalid UTF-8 at byte {offset}");
                 Ok(Some(Item::Skip { line: 1, reason: "invalid_utf8", detail }))
-            }
-        }
-    }
-}
-
-struct ParquetReader {
-    batches: ParquetRecordBatchReader,
-    current: Option<Box<dyn Array>>,
-    current_pos: usize,
-    row: u64,
-}
-
-impl ParquetReader {
-    fn open(file: File, field: &str) -> std::result::Result<Self, FileError> {
-        let corrupt = |e: parquet::errors::ParquetError| FileError { reason: "corrupt_parquet", detail: e.to_string() };
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(corrupt)?;
-        let schema = builder.schema().clone();
-        let Some((index, column)) = schema.column_with_name(field) else {
-            let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).take(8).collect();
-            let detail = format!("no column {field:?}; columns are {names:?}");
-            return Err(FileError { reason: "missing_field", detail });
-        };
-        if !matches!(column.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
-            let detail = format!("column {field:?} has type {}, not a string type", column.data_type());
-            return Err(FileError { reason: "not_string", detail });
-        }
-        let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
-        let batches = builder.with_projection(mask).with_batch_size(1024).build().map_err(corrupt)?;
-        Ok(ParquetReader { batches, current: None, current_pos: 0, row: 0 })
-    }
-}
-
-impl RecordReader for ParquetReader {
-    fn next_item(&mut self) -> std::result::Result<Option<Item>, FileError> {
-        loop {
-            if let Some(array) = &self.current {
-                if self.current_pos < array.len() {
-                    let i = self.current_pos;
-                    self.current_pos += 1;
-                    self.row += 1;
-                    let line = self.row;
-                    if array.is_null(i) {
-                        return Ok(Some(Item::Skip { line, reason: "null_field", detail: "text is null".into() }));
-                    }
-                    let any = array.as_any();
-                    let text = if let Some(a) = any.downcast_ref::<StringArray>() {
-                        a.value(i)
-                    } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
-                        a.value(i)
-                    } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
-                        a.value(i)
-                    } else {
-                        unreachable!("column type was checked when the file was opened")
-                    };
-                    return Ok(Some(Item::Doc { line, text: text.to_owned() }));
-                }
-            }
-            match self.batches.next() {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(FileError { reason: "corrupt_parquet", detail: e.to_string() }),
-                Some(Ok(batch)) => {
-                    let column = batch.column(0).clone();
-                    self.current = Some(Box::new(column) as Box<dyn Array>);
-                    self.current_pos = 0;
-                }
             }
         }
     }

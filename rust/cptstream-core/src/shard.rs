@@ -260,8 +260,30 @@ impl ShardWriter {
         }
         self.state = state;
         self.file = None;
+
+        // A run killed after renaming a finished shard but before its next checkpoint leaves
+        // `NAME.arrow` and no `NAME.arrow.tmp`. The finished file starts with the checkpointed
+        // bytes, because shards are only appended to, so it becomes the partial shard again.
+        let tmp = self.tmp_path();
+        let current = self.root.join(self.relative_path(self.state.index));
+        if self.state.file_len > 0 && !tmp.exists() && current.exists() {
+            std::fs::rename(&current, &tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+
+        // Shards finished after the checkpoint will be written again, so leftovers are removed.
+        let dir = self.root.join(&self.split);
+        if dir.is_dir() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+                let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let index = name.strip_prefix("shard_").and_then(|n| n.strip_suffix(".arrow")).and_then(|n| n.parse().ok());
+                if index.is_some_and(|i: usize| i >= self.state.index) {
+                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+        }
+
         if self.state.file_len > 0 {
-            let tmp = self.tmp_path();
             let file = OpenOptions::new().write(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
             let len = file.metadata().map_err(|e| Error::io(&tmp, e))?.len();
             if len < self.state.file_len {

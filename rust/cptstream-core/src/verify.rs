@@ -3,7 +3,9 @@
 //! For each listed shard: the path stays inside the directory, the file exists, its sha256 and
 //! batch offsets match, and decoding it gives the recorded rows and tokens with every row exactly
 //! `seq_len` long, `seq_lengths` positive and summing to at most `seq_len`, and every token id
-//! below the vocabulary size. Every problem is reported, not only the first.
+//! below the vocabulary size. The manifest itself must be complete, its totals must equal the
+//! sum over its shards, and no `.arrow` file may sit in a split directory without being listed.
+//! Every problem is reported, not only the first.
 
 use crate::error::{Error, Result};
 use crate::shard::sha256_file;
@@ -11,6 +13,7 @@ use arrow_array::{Array, Int32Array, ListArray};
 use arrow_ipc::reader::StreamReader;
 use std::fs::File;
 use std::io::BufReader;
+use std::collections::BTreeSet;
 use std::path::{Component, Path};
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -38,12 +41,17 @@ pub fn verify(dir: &Path) -> Result<Report> {
     let splits = field("splits")?.as_object().cloned().unwrap_or_default();
 
     let mut report = Report { max_token_id: -1, ..Report::default() };
+    if manifest.get("complete").and_then(|c| c.as_bool()) != Some(true) {
+        report.problems.push("manifest.json: \"complete\" is not true; the shard run did not finish".to_owned());
+    }
     let mut total_rows = 0u64;
     let mut total_tokens = 0u64;
+    let mut listed = BTreeSet::new();
     for (split, entries) in &splits {
         for entry in entries.as_array().cloned().unwrap_or_default() {
             report.shards += 1;
             let rel = entry.get("path").and_then(|p| p.as_str()).unwrap_or("");
+            listed.insert(rel.to_owned());
             let label = format!("{split}: {rel}");
             let rel_path = Path::new(rel);
             if rel.is_empty() || rel_path.components().any(|c| !matches!(c, Component::Normal(_))) {
@@ -56,7 +64,13 @@ pub fn verify(dir: &Path) -> Result<Report> {
                 continue;
             }
             let want_sha = entry.get("sha256").and_then(|s| s.as_str()).unwrap_or("");
-            let sha = sha256_file(&path)?;
+            let sha = match sha256_file(&path) {
+                Ok(sha) => sha,
+                Err(e) => {
+                    report.problems.push(format!("{label}: cannot be read: {e}"));
+                    continue;
+                }
+            };
             if sha != want_sha {
                 report.problems.push(format!("{label}: sha256 is {sha}, manifest says {want_sha}"));
             }
@@ -85,6 +99,8 @@ pub fn verify(dir: &Path) -> Result<Report> {
         }
     }
 
+    report.problems.extend(unlisted_shards(dir, splits.keys(), &listed)?);
+
     let counts = manifest.get("counts");
     let counted = |name: &str| counts.and_then(|c| c.get(name)).and_then(|v| v.as_u64());
     if counted("rows").is_some_and(|r| r != total_rows) {
@@ -94,6 +110,32 @@ pub fn verify(dir: &Path) -> Result<Report> {
         report.problems.push(format!("manifest counts.tokens is {:?}, its shards list {total_tokens}", counted("tokens")));
     }
     Ok(report)
+}
+
+/// List `.arrow` files in the split directories that the manifest does not name.
+fn unlisted_shards<'a>(
+    dir: &Path,
+    splits: impl Iterator<Item = &'a String>,
+    listed: &BTreeSet<String>,
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let names: BTreeSet<&str> = splits.map(String::as_str).chain(["train", "validation"]).collect();
+    for split in names {
+        let split_dir = dir.join(split);
+        if split.is_empty() || !split_dir.is_dir() || Path::new(split).components().count() != 1 {
+            continue;
+        }
+        let mut files: Vec<String> = std::fs::read_dir(&split_dir)
+            .map_err(|e| Error::io(&split_dir, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|name| name.ends_with(".arrow"))
+            .map(|name| format!("{split}/{name}"))
+            .filter(|rel| !listed.contains(rel))
+            .collect();
+        files.sort();
+        problems.extend(files.into_iter().map(|rel| format!("{split}: {rel}: not listed in the manifest")));
+    }
+    Ok(problems)
 }
 
 fn check_stream(path: &Path, seq_len: usize, vocab_size: i64) -> std::result::Result<(u64, u64, i64), String> {
