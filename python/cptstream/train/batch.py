@@ -133,7 +133,7 @@ def model_inputs(
         batch: a batch from `collate_rows`.
         layout: `mask` (padded rows and a 4D mask, for eager/SDPA), `varlen` (flat row and position
             ids, for flash attention) or `unsloth` (flat row plus `packed_seq_lengths`).
-        device: device to move the tensors to.
+        device: device to move the tensors to, except `packed_seq_lengths`, which stays on the CPU.
         mask_dtype: dtype of the 4D mask, see `block_causal_mask`.
     """
     if layout == "mask":
@@ -144,4 +144,10 @@ def model_inputs(
         if layout == "varlen":
             # transformers finds the sequence boundaries of flash attention from the position ids alone.
             del inputs["packed_seq_lengths"]
-    return {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}
+    moved = {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}
+    if "packed_seq_lengths" in inputs:
+        # Unsloth 2026.10.9 reads the lengths on the host. From a CPU tensor it makes one pinned
+        # host-to-device copy, but from a GPU tensor it copies them back, which waits for the GPU
+        # on every forward pass.
+        moved["packed_seq_lengths"] = inputs["packed_seq_lengths"]
+    return moved
