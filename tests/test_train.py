@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -26,6 +28,8 @@ from cptstream.lock import DirLock
 from cptstream.tiny_model import build_tiny_model, tiny_qwen2_config, train_tiny_tokenizer
 from cptstream.train.batch import collate_rows, count_targets, model_inputs
 from cptstream.train.cli import add_export_parser, add_train_parser
+from cptstream.train.config import load_config
+from cptstream.train.lora import load_model, param_groups
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
 PYTHON_DIR = Path(__file__).resolve().parent.parent / "python"
@@ -37,6 +41,7 @@ TEXTS = [
     "東京の研究所で新しい言語モデルを訓練した。日本語の文書も正しく扱う。" * 3,
     "Packed rows hold several documents, and no document may attend to another. " * 3,
 ]
+ENVIRONMENT = ("HF_HUB_OFFLINE", "UNSLOTH_DISABLE_STATISTICS", "UNSLOTH_COMPILE_LOCATION")
 
 
 # ---- fixtures ----
@@ -57,6 +62,28 @@ def packed_forward(model: torch.nn.Module, rows: list[list[int]], lengths: list[
     inputs.pop("labels")
     with torch.no_grad():
         return model(**inputs).logits
+
+
+@pytest.fixture(autouse=True)
+def restore_environment(monkeypatch):
+    """Start each test without the variables `cptstream train` sets, and restore them afterwards."""
+    for name in ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+
+
+def save_tiny_model(directory: Path, *, vocab_size: int = 120, tied: bool) -> Path:
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_qwen2_config(vocab_size)
+    config.tie_word_embeddings = tied
+    Qwen2ForCausalLM(config).save_pretrained(str(directory))
+    return directory
+
+
+def lora_run_config(model_dir: Path, output: Path):
+    overrides = {"model.path": str(model_dir), "train.output": str(output), "model.max_seq_length": SEQ_LEN}
+    return load_config(CONFIG, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +232,130 @@ def test_loss_averages_over_nine_targets():
     assert torch.allclose(output.loss, expected, atol=1e-6)
 
 
+def test_unsloth_lengths_stay_on_cpu():
+    batch = collate_rows(np.array([[5, 6, 7, 1, 8, 9, 1, 0]], dtype=np.int32), [np.array([4, 3])])
+    inputs = model_inputs(batch, "unsloth", torch.device("meta"))
+
+    assert inputs["input_ids"].device.type == "meta"
+    assert inputs["labels"].device.type == "meta"
+    assert inputs["position_ids"].device.type == "meta"
+    assert inputs["packed_seq_lengths"].device.type == "cpu"
+    assert inputs["packed_seq_lengths"].tolist() == [4, 3]
+
+
+# ---- model setup ----
+
+
+def test_tied_embeddings_train_one_matrix(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model(tmp_path / "tied", tied=True)
+    loaded = load_model(lora_run_config(model_dir, tmp_path / "run"), "hf", torch.float32)
+    model = loaded.model
+    embedding = model.get_input_embeddings().modules_to_save.default.weight
+    head = model.get_output_embeddings().modules_to_save.default.weight
+    assert embedding is head
+    before = embedding.detach().clone()
+
+    groups = param_groups(model, 1e-2, 1e-2, 0.0)
+    assert [group["name"] for group in groups] == ["lora", "embeddings"]
+    assert len(groups[1]["params"]) == 1
+    optimizer = torch.optim.AdamW(groups)
+    tokens = torch.tensor([[5, 17, 42, 99, 3, 7, 64, 11]])
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+
+    assert not torch.equal(embedding, before)
+    assert model.get_output_embeddings().modules_to_save.default.weight is embedding
+    assert torch.equal(model.get_output_embeddings().modules_to_save.default.weight, embedding)
+
+    # The saved adapter rebuilds the tie on load and gives the trained model's logits.
+    model.save_pretrained(str(tmp_path / "adapter"))
+    model.eval()
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)), str(tmp_path / "adapter")
+    )
+    reloaded.eval()
+    reloaded_embedding = reloaded.get_input_embeddings().modules_to_save.default.weight
+    assert reloaded.get_output_embeddings().modules_to_save.default.weight is reloaded_embedding
+    assert torch.equal(reloaded_embedding, embedding)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
+
+
+def test_untied_embeddings_train_two_matrices(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "untied", tied=False)
+    loaded = load_model(lora_run_config(model_dir, tmp_path / "run"), "hf", torch.float32)
+    embedding = loaded.model.get_input_embeddings().modules_to_save.default.weight
+    head = loaded.model.get_output_embeddings().modules_to_save.default.weight
+
+    assert embedding is not head
+    assert embedding.requires_grad
+    assert head.requires_grad
+
+
+class StandInUnsloth:
+    """Stand-in for `unsloth.FastLanguageModel` on CPU: records the calls, adds adapters with peft.
+
+    It keeps the `modules_to_save` copies in bf16 and the LoRA weights in fp32, as Unsloth
+    2026.10.9 does for a bf16 model.
+    """
+
+    calls: ClassVar[dict] = {}
+
+    @staticmethod
+    def from_pretrained(**kwargs):
+        from transformers import AutoModelForCausalLM
+
+        StandInUnsloth.calls["from_pretrained"] = kwargs
+        return AutoModelForCausalLM.from_pretrained(kwargs["model_name"], dtype=kwargs["dtype"]), None
+
+    @staticmethod
+    def get_peft_model(model, **kwargs):
+        from peft import LoraConfig, get_peft_model
+
+        StandInUnsloth.calls["get_peft_model"] = {**kwargs, "_name_or_path": model.config._name_or_path}
+        config = LoraConfig(
+            r=kwargs["r"],
+            lora_alpha=kwargs["lora_alpha"],
+            target_modules=kwargs["target_modules"],
+            modules_to_save=kwargs["modules_to_save"],
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+    @staticmethod
+    def for_training(model):
+        model.train()
+
+
+def test_unsloth_setup_arguments_and_fp32(tmp_path, monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "model", tied=False)
+    output = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=StandInUnsloth))
+    StandInUnsloth.calls.clear()
+
+    loaded = load_model(lora_run_config(model_dir, output), "unsloth", torch.bfloat16)
+
+    loading = StandInUnsloth.calls["from_pretrained"]
+    assert loading["trust_remote_code"] is False
+    adapters = StandInUnsloth.calls["get_peft_model"]
+    assert adapters["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert "embed_tokens" not in adapters["target_modules"]
+    assert "lm_head" not in adapters["target_modules"]
+    assert adapters["temporary_location"] == str(output.resolve() / ".cptstream" / "unsloth" / "buffers")
+    assert adapters["_name_or_path"] == "model"
+    assert loaded.model.get_base_model().config._name_or_path == str(model_dir.resolve())
+
+    trainable = {name: parameter for name, parameter in loaded.model.named_parameters() if parameter.requires_grad}
+    assert any(".modules_to_save." in name for name in trainable)
+    assert {str(parameter.dtype) for parameter in trainable.values()} == {"torch.float32"}
+    assert loaded.layout == "unsloth"
+    assert loaded.autocast_dtype == torch.bfloat16
+
+
 # ---- checks before step 1 ----
 
 
@@ -244,6 +395,18 @@ def test_seq_len_mismatch_rejected(tmp_path, workspace, caplog):
     args = train_args(model, data, tmp_path / "run", "--set", "model.max_seq_length=64")
     assert run_cli(*args) == 2
     assert f"model.max_seq_length is 64 but the shards in {data} have seq_len {SEQ_LEN}" in caplog.text
+
+
+def test_train_sets_offline_environment(tmp_path, workspace, monkeypatch):
+    _, model, data = workspace
+    output = tmp_path / "run"
+    monkeypatch.setenv("UNSLOTH_DISABLE_STATISTICS", "0")
+
+    # A run that stops at the seq_len check still sets the variables, before any model code loads.
+    assert run_cli(*train_args(model, data, output, "--set", "model.max_seq_length=64")) == 2
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert os.environ["UNSLOTH_DISABLE_STATISTICS"] == "0"
+    assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(output.resolve() / ".cptstream" / "unsloth" / "compiled")
 
 
 def test_locked_output_names_holder(tmp_path, workspace, caplog):

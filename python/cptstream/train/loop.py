@@ -34,7 +34,14 @@ from cptstream.train.batch import count_targets, model_inputs
 from cptstream.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cptstream.train.checks import check_model_fits_shards
 from cptstream.train.config import ConfigError, RunConfig, derive_max_steps
-from cptstream.train.lora import LoadedModel, load_model, param_groups, resolve_backend, resolve_dtype
+from cptstream.train.lora import (
+    LoadedModel,
+    configure_environment,
+    load_model,
+    param_groups,
+    resolve_backend,
+    resolve_dtype,
+)
 from cptstream.train.manifest import load_manifest
 from cptstream.train.metrics import (
     LossAverage,
@@ -94,6 +101,8 @@ def run(config: RunConfig, *, resume: bool = False, stop_after: int | None = Non
         if not value:
             raise ConfigError(f"{config.source}: {name} is empty; set it in the file or with its command-line flag")
 
+    # Before transformers, peft or unsloth is imported, because they read these variables on import.
+    configure_environment(config)
     rank, world_size = _init_distributed()
     output = Path(config.train.output)
     lock = DirLock(output) if rank == 0 else contextlib.nullcontext()
