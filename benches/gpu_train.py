@@ -297,13 +297,18 @@ def describe_trainable(model) -> dict:
     """
     groups: dict[str, dict[str, int]] = {}
     pointers: dict[str, set[int]] = {"embed_tokens": set(), "lm_head": set()}
-    for name, parameter in model.named_parameters():
+    counted: set[int] = set()
+    # remove_duplicate=False lists a shared weight under every name, so a tie is visible; the
+    # sizes still count each tensor once.
+    for name, parameter in model.named_parameters(remove_duplicate=False):
         if not parameter.requires_grad:
             continue
-        group = "embeddings" if ".modules_to_save." in name else "lora"
-        dtype = str(parameter.dtype).removeprefix("torch.")
-        groups.setdefault(group, {})
-        groups[group][dtype] = groups[group].get(dtype, 0) + parameter.numel()
+        if parameter.data_ptr() not in counted:
+            counted.add(parameter.data_ptr())
+            group = "embeddings" if ".modules_to_save." in name else "lora"
+            dtype = str(parameter.dtype).removeprefix("torch.")
+            groups.setdefault(group, {})
+            groups[group][dtype] = groups[group].get(dtype, 0) + parameter.numel()
         for module, storage in pointers.items():
             if module in name:
                 storage.add(parameter.data_ptr())
