@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -12,6 +13,9 @@ __all__ = ["main", "build_parser"]
 
 # Exit status when the run finished but some input files could not be read at all.
 EXIT_BAD_FILES = 3
+
+# Write failures that end once space or quota is back; the last checkpoint stays valid.
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
@@ -138,8 +142,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, CptstreamError, LockHeldError) as e:
+    except (ValueError, CptstreamError, LockHeldError) as e:
         logger.error("%s", e)
+        return 2
+    except OSError as e:
+        # The message names the path; a full disk or a file-size limit gets the way to continue.
+        hint = ""
+        if e.errno in _OUT_OF_SPACE and args.command == "shard":
+            hint = "; free space (or raise the limit), then rerun the same command with --resume"
+        # Core errors carry "PATH: reason" as strerror; Python's own carry the path in filename.
+        message = e.strerror if e.errno and e.strerror and e.filename is None else str(e)
+        logger.error("%s%s", message, hint)
         return 2
     except KeyboardInterrupt:
         logger.error("interrupted; rerun the same command with --resume to continue")

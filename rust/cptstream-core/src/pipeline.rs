@@ -109,7 +109,7 @@ enum Prepared {
     Panicked(String),
 }
 
-/// Where the coordinating thread is, kept outside the run so a caught panic can name it.
+/// Current file, record and stage of the coordinating thread, kept outside the run so a caught panic can name them.
 #[derive(Default)]
 struct Position {
     file: RefCell<String>,

@@ -75,7 +75,7 @@ fn open_unguarded(
     opts: &Options,
 ) -> std::result::Result<Box<dyn RecordReader>, FileError> {
     let file = File::open(path).map_err(|e| FileError { reason: "unreadable", detail: e.to_string() })?;
-    // A 0-byte file is empty whatever its extension says; zstd, gzip and Parquet would call it damaged.
+    // A 0-byte file is empty whatever its extension, while zstd, gzip and Parquet would call it damaged.
     if file.metadata().is_ok_and(|m| m.len() == 0) {
         return Ok(Box::new(NoRecords));
     }

@@ -52,6 +52,10 @@ pub fn verify(dir: &Path) -> Result<Report> {
             report.shards += 1;
             let rel = entry.get("path").and_then(|p| p.as_str()).unwrap_or("");
             listed.insert(rel.to_owned());
+            let want_rows = entry.get("rows").and_then(|v| v.as_u64()).unwrap_or(0);
+            let want_tokens = entry.get("tokens").and_then(|v| v.as_u64()).unwrap_or(0);
+            total_rows += want_rows;
+            total_tokens += want_tokens;
             let label = format!("{split}: {rel}");
             let rel_path = Path::new(rel);
             if rel.is_empty() || rel_path.components().any(|c| !matches!(c, Component::Normal(_))) {
@@ -61,6 +65,11 @@ pub fn verify(dir: &Path) -> Result<Report> {
             let path = dir.join(rel_path);
             if !path.is_file() {
                 report.problems.push(format!("{label}: missing"));
+                continue;
+            }
+            let resolved = path.canonicalize().map_err(|e| Error::io(&path, e))?;
+            if !resolved.starts_with(dir.canonicalize().map_err(|e| Error::io(dir, e))?) {
+                report.problems.push(format!("{label}: path leaves the output directory through a symlink"));
                 continue;
             }
             let want_sha = entry.get("sha256").and_then(|s| s.as_str()).unwrap_or("");
@@ -74,10 +83,6 @@ pub fn verify(dir: &Path) -> Result<Report> {
             if sha != want_sha {
                 report.problems.push(format!("{label}: sha256 is {sha}, manifest says {want_sha}"));
             }
-            let want_rows = entry.get("rows").and_then(|v| v.as_u64()).unwrap_or(0);
-            let want_tokens = entry.get("tokens").and_then(|v| v.as_u64()).unwrap_or(0);
-            total_rows += want_rows;
-            total_tokens += want_tokens;
             // Arrow asserts on some corrupt inputs instead of returning an error; a damaged shard
             // must become a reported problem, not a crash.
             let checked = std::panic::catch_unwind(|| check_stream(&path, seq_len, vocab_size))
@@ -102,12 +107,14 @@ pub fn verify(dir: &Path) -> Result<Report> {
     report.problems.extend(unlisted_shards(dir, splits.keys(), &listed)?);
 
     let counts = manifest.get("counts");
-    let counted = |name: &str| counts.and_then(|c| c.get(name)).and_then(|v| v.as_u64());
-    if counted("rows").is_some_and(|r| r != total_rows) {
-        report.problems.push(format!("manifest counts.rows is {:?}, its shards list {total_rows}", counted("rows")));
-    }
-    if counted("tokens").is_some_and(|t| t != total_tokens) {
-        report.problems.push(format!("manifest counts.tokens is {:?}, its shards list {total_tokens}", counted("tokens")));
+    for (name, total) in [("rows", total_rows), ("tokens", total_tokens)] {
+        match counts.and_then(|c| c.get(name)).and_then(|v| v.as_u64()) {
+            Some(counted) if counted != total => report
+                .problems
+                .push(format!("manifest.json: counts.{name} is {counted}, but its shards list {total} {name}")),
+            Some(_) => {}
+            None => report.problems.push(format!("manifest.json: counts.{name} is missing or not a number")),
+        }
     }
     Ok(report)
 }

@@ -23,12 +23,18 @@ impl From<PyCoreError> for PyErr {
             CoreError::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
-                _ => PyOSError::new_err(message),
+                // With the errno, Python callers can tell a full disk (ENOSPC) or a file-size
+                // limit (EFBIG) from other failures.
+                _ => match source.raw_os_error() {
+                    Some(errno) => PyOSError::new_err((errno, message)),
+                    None => PyOSError::new_err(message),
+                },
             },
             CoreError::InvalidInput { .. } => PyValueError::new_err(message),
             CoreError::Tokenizer { .. } => TokenizerError::new_err(message),
             CoreError::ShardFormat { .. } | CoreError::Arrow { .. } => ShardFormatError::new_err(message),
             CoreError::Interrupted => PyKeyboardInterrupt::new_err(message),
+            CoreError::Panic { .. } => CptstreamError::new_err(message),
         }
     }
 }

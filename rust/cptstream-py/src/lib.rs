@@ -9,11 +9,27 @@ use cptstream_core::ShardConfig;
 use errors::{CptstreamError, PyCoreError, ShardFormatError, TokenizerError};
 use pyo3::prelude::*;
 use pyo3::types::PyAny;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
+/// Run `f` and turn a panic into `CptstreamError` naming `what`, so no panic reaches Python as
+/// pyo3's `PanicException`, which is a `BaseException` that `except Exception` misses.
+fn guard<T>(what: &str, f: impl FnOnce() -> cptstream_core::Result<T>) -> cptstream_core::Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(cptstream_core::Error::Panic {
+            context: what.to_owned(),
+            message: cptstream_core::error::panic_message(&*payload),
+        })
+    })
+}
+
 /// Run `f` with the GIL released and map its error; heavier than O(1) work goes through here.
-fn run_detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> cptstream_core::Result<T> + Send) -> PyResult<T> {
-    py.detach(f).map_err(|e| PyCoreError(e).into())
+fn run_detached<T: Send>(
+    py: Python<'_>,
+    what: &str,
+    f: impl FnOnce() -> cptstream_core::Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| guard(what, f)).map_err(|e| PyCoreError(e).into())
 }
 
 fn parse_bos(bos: &str) -> PyResult<BosPolicy> {
@@ -54,7 +70,8 @@ fn shard(py: Python<'_>, config_json: &str, resume: bool, progress: Option<Py<Py
                 true
             })
         };
-        pipeline::run(&cfg, resume, &mut report)
+        // pipeline::run catches its own panics with the file and record; this guard covers the rest.
+        guard("a shard run", || pipeline::run(&cfg, resume, &mut report))
     });
     if let Some(e) = raised {
         return Err(e);
@@ -67,7 +84,8 @@ fn shard(py: Python<'_>, config_json: &str, resume: bool, progress: Option<Py<Py
 /// Check every shard of `directory` against its manifest; returns the report as JSON.
 #[pyfunction]
 fn verify(py: Python<'_>, directory: PathBuf) -> PyResult<String> {
-    let report = run_detached(py, || cptstream_core::verify::verify(&directory))?;
+    let what = format!("verifying {}", directory.display());
+    let report = run_detached(py, &what, || cptstream_core::verify::verify(&directory))?;
     Ok(serde_json::to_string(&report).expect("report serializes"))
 }
 
@@ -83,7 +101,7 @@ fn encode(
     add_eos: bool,
 ) -> PyResult<Vec<Vec<u32>>> {
     let policy = parse_bos(bos)?;
-    run_detached(py, || {
+    run_detached(py, "encoding documents", || {
         let tok = DocTokenizer::load(tokenizer, eos_token.as_deref(), policy)?;
         texts.iter().map(|t| if add_eos { tok.encode_doc(t) } else { tok.encode_plain(t) }).collect()
     })
@@ -94,7 +112,7 @@ fn encode(
 #[pyo3(signature = (tokenizer, eos_token=None, bos="auto"))]
 fn tokenizer_info(py: Python<'_>, tokenizer: &str, eos_token: Option<String>, bos: &str) -> PyResult<String> {
     let policy = parse_bos(bos)?;
-    let tok = run_detached(py, || DocTokenizer::load(tokenizer, eos_token.as_deref(), policy))?;
+    let tok = run_detached(py, "loading the tokenizer", || DocTokenizer::load(tokenizer, eos_token.as_deref(), policy))?;
     Ok(serde_json::to_string(&tok.info).expect("info serializes"))
 }
 
@@ -107,7 +125,7 @@ fn clean(text: &str, config_json: Option<&str>) -> PyResult<String> {
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("invalid cleaning configuration: {e}")))?,
         None => Default::default(),
     };
-    Ok(cptstream_core::clean::clean(text, &cfg))
+    Ok(guard("cleaning a document", || Ok(cptstream_core::clean::clean(text, &cfg))).map_err(PyCoreError)?)
 }
 
 /// Pack token-id documents into rows as `shard` does; returns `(tokens, seq_lengths)` per row.
@@ -125,11 +143,15 @@ fn pack(docs: Vec<Vec<u32>>, seq_len: usize, packing: &str, window_rows: usize, 
             return Err(pyo3::exceptions::PyValueError::new_err(format!("invalid packing {other:?}; expected bfd or concat")))
         }
     };
-    let mut rows = std::collections::VecDeque::new();
-    for doc in &docs {
-        packer.push(doc, &mut rows);
-    }
-    packer.finish(&mut rows);
+    let rows = guard("packing documents", || {
+        let mut rows = std::collections::VecDeque::new();
+        for doc in &docs {
+            packer.push(doc, &mut rows);
+        }
+        packer.finish(&mut rows);
+        Ok(rows)
+    })
+    .map_err(PyCoreError)?;
     Ok(rows.into_iter().map(|r| (r.tokens, r.seq_lengths)).collect())
 }
 
