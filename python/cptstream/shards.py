@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["read_manifest", "iter_rows", "inspect_dir", "verify_dir"]
+__all__ = ["read_manifest", "shard_path", "iter_rows", "inspect_dir", "verify_dir"]
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -23,11 +23,33 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def shard_path(directory: str | Path, relative: object) -> Path:
+    """Return the file a manifest entry names, which must lie inside the shard directory.
+
+    A manifest is input like any other file, so its paths are checked: an absolute path, `..` or
+    a symlink that leads out of the directory would let a crafted manifest read any file.
+
+    Raises:
+        ValueError: the path is not a non-empty relative string or resolves outside `directory`.
+    """
+    root = Path(directory)
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        raise ValueError(f"{root / 'manifest.json'}: shard path {relative!r} is not a relative path")
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{root / 'manifest.json'}: shard path {relative!r} points outside {root}")
+    return path
+
+
 def iter_rows(directory: str | Path, split: str = "train"):
-    """Yield `(input_ids, seq_lengths)` for every row of a split, shard by shard."""
+    """Yield `(input_ids, seq_lengths)` for every row of a split, shard by shard.
+
+    Raises:
+        ValueError: a shard path in the manifest points outside `directory`.
+    """
     manifest = read_manifest(directory)
     for entry in manifest["splits"][split]:
-        with pa.memory_map(str(Path(directory) / entry["path"])) as source:
+        with pa.memory_map(str(shard_path(directory, entry["path"]))) as source:
             for batch in pa.ipc.open_stream(source):
                 ids = batch.column("input_ids").to_pylist()
                 lengths = batch.column("seq_lengths").to_pylist()

@@ -58,7 +58,8 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str 
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ValueError(f"{output_dir} is not empty; choose a new --output directory")
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype="auto")
+    # The base path comes from adapter_config.json, an input file, so code shipped there never runs.
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype="auto", trust_remote_code=False)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     merged = model.merge_and_unload()
 

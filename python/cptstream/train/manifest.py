@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cptstream.shards import shard_path
+
 __all__ = ["FORMAT_VERSION", "Manifest", "ShardInfo", "load_manifest"]
 
 FORMAT_VERSION = 1
@@ -57,7 +59,8 @@ def load_manifest(data_dir: str | Path) -> Manifest:
 
     Raises:
         FileNotFoundError: the manifest is missing.
-        ValueError: the manifest is incomplete, of another format version, or malformed.
+        ValueError: the manifest is incomplete, of another format version, malformed, or lists a
+            shard path outside `data_dir`.
     """
     root = Path(data_dir)
     path = root / "manifest.json"
@@ -77,7 +80,7 @@ def load_manifest(data_dir: str | Path) -> Manifest:
         splits = {
             name: tuple(
                 ShardInfo(
-                    path=root / entry["path"],
+                    path=shard_path(root, entry["path"]),
                     rows=int(entry["rows"]),
                     batch_offsets=tuple(int(offset) for offset in entry["batch_offsets"]),
                     sha256=str(entry.get("sha256", "")),
