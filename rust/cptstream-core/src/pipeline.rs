@@ -22,7 +22,7 @@ use crate::dedup::{hash_text, Dedup};
 use crate::error::{panic_message, Error, Result};
 use crate::pack::{BfdPacker, ConcatPacker, Packer, Row};
 use crate::read::{self, FileError, Item, Options};
-use crate::shard::{write_atomic, ShardWriter, WriterState};
+use crate::shard::{write_atomic, ShardWriter};
 use crate::tokenize::DocTokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod state;
+
+use state::read_manifest;
+
 pub const FORMAT_VERSION: u32 = 1;
-const CHECKPOINT_VERSION: u32 = 1;
 const BATCH_DOCS: usize = 2048;
 const BATCH_BYTES: usize = 16 << 20;
 /// Locations kept per reason in the summary; the counts stay exact.
@@ -82,19 +85,6 @@ pub struct Progress {
     pub files_total: usize,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Checkpoint {
-    version: u32,
-    config: String,
-    tokenizer_sha256: String,
-    files: Vec<String>,
-    file_index: usize,
-    records_done: u64,
-    counts: Counts,
-    packers: Vec<Packer>,
-    writers: Vec<WriterState>,
-    dedup_entries: u64,
-}
 
 /// Result of a run: the manifest as written, and whether it was already complete.
 pub struct Outcome {
@@ -468,99 +458,4 @@ impl Run<'_> {
         self.counts.note(e.reason, location);
         Ok(())
     }
-
-    fn save_checkpoint(&mut self, file_index: usize, records_done: u64) -> Result<()> {
-        let dedup_entries = match &mut self.dedup {
-            Some(d) => d.sync()?,
-            None => 0,
-        };
-        let writers = self.writers.iter_mut().map(|w| w.checkpoint()).collect::<Result<Vec<_>>>()?;
-        let cp = Checkpoint {
-            version: CHECKPOINT_VERSION,
-            config: config_identity(self.cfg),
-            tokenizer_sha256: self.tokenizer.info.sha256.clone(),
-            files: self.files.clone(),
-            file_index,
-            records_done,
-            counts: self.counts.clone(),
-            packers: self.packers.clone(),
-            writers,
-            dedup_entries,
-        };
-        let bytes = serde_json::to_vec(&cp).expect("checkpoint serializes");
-        write_atomic(&self.out.join(STATE_DIR).join("checkpoint.json"), &bytes)
-    }
-
-    fn load_checkpoint(&mut self, path: &Path) -> Result<Checkpoint> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let cp: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| Error::ShardFormat {
-            path: path.to_path_buf(),
-            message: format!("unreadable checkpoint: {e}"),
-        })?;
-        let mismatch = |what: &str| Error::invalid(format!(
-            "cannot resume in {}: the {what} differs from the interrupted run; use the same arguments or a new output directory",
-            self.out.display()
-        ));
-        if cp.version != CHECKPOINT_VERSION {
-            return Err(mismatch("checkpoint version"));
-        }
-        if cp.config != config_identity(self.cfg) {
-            return Err(mismatch("configuration"));
-        }
-        if cp.tokenizer_sha256 != self.tokenizer.info.sha256 {
-            return Err(mismatch("tokenizer"));
-        }
-        if cp.files != self.files {
-            return Err(mismatch("list of input files"));
-        }
-        for (writer, state) in self.writers.iter_mut().zip(cp.writers.iter()) {
-            writer.restore(state.clone())?;
-        }
-        self.counts = cp.counts.clone();
-        self.packers = cp.packers.clone();
-        Ok(cp)
-    }
-
-    fn manifest(&self, elapsed: f64, resumed: bool) -> serde_json::Value {
-        let info = &self.tokenizer.info;
-        let c = &self.counts;
-        serde_json::json!({
-            "format_version": FORMAT_VERSION,
-            "complete": true,
-            "tokenizer": {
-                "path": info.path, "sha256": info.sha256, "vocab_size": info.vocab_size,
-                "eos_token": info.eos_token, "eos_id": info.eos_id, "eos_source": info.eos_source,
-                "bos_token": info.bos_token, "bos_id": info.bos_id, "pad_id": info.pad_id,
-            },
-            "seq_len": self.cfg.seq_len,
-            "packing": self.cfg.packing,
-            "rows_per_batch": self.cfg.rows_per_batch,
-            "counts": {
-                "files_read": c.files_read, "files_failed": c.files_failed, "files_skipped": c.files_skipped,
-                "records_skipped": c.records_skipped,
-                "docs_read": c.docs_read, "docs_kept": c.docs_kept, "docs_dropped": c.docs_dropped,
-                "docs_train": c.docs_train, "docs_validation": c.docs_validation,
-                "tokens": c.tokens, "rows": c.rows, "pad_tokens": c.pad_tokens,
-                "text_bytes": c.text_bytes, "input_bytes": c.input_bytes,
-                "dedup_false_positive_rate": self.dedup.as_ref().map(|d| d.false_positive_rate()).unwrap_or(0.0),
-            },
-            "problems": c.examples,
-            "splits": {
-                "train": self.writers[0].finished(),
-                "validation": self.writers[1].finished(),
-            },
-            "run": {"seconds": elapsed, "resumed": resumed},
-            "config": self.cfg,
-        })
-    }
-}
-
-fn config_identity(cfg: &ShardConfig) -> String {
-    serde_json::to_string(&cfg.output_identity()).expect("config serializes")
-}
-
-fn read_manifest(path: &Path) -> Result<serde_json::Value> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::ShardFormat { path: path.to_path_buf(), message: format!("invalid manifest: {e}") })
 }
