@@ -39,8 +39,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated subset of cptstream,floor,python (default: all three)")
     p.add_argument("--scales", type=_int_list, default=(1, 4, 16),
                    help="corpus copies for the memory test, e.g. 1,4,16; empty string skips it (default 1,4,16)")
-    p.add_argument("--memory-limit-mb", type=int, default=512,
-                   help="hard memory limit of the limited run at the largest scale, in MiB; 0 skips it (default 512)")
+    p.add_argument("--memory-limit-mb", type=int, default=384,
+                   help="hard memory limit of the limited run at the largest scale, in MiB; 0 skips it (default 384)")
     p.add_argument("--trl-strategy", default="bfd_split", choices=["bfd", "bfd_split", "wrapped"],
                    help="trl.pack_dataset strategy (default bfd_split, which like cptstream drops no token)")
     p.add_argument("--floor-method", default="encode_batch_fast", choices=["encode_batch_fast", "encode_batch"],

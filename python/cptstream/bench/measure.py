@@ -6,7 +6,7 @@ Peak memory is measured two ways, because neither alone is right for a process t
   own waited-for children, but as a maximum over single processes, not a sum, so for a pool of
   four workers it is the largest of the five, not their total.
 - `tree_rss`: the largest sum of RSS over the child and all its descendants, sampled from /proc
-  every 20 ms. It sees concurrent workers together but can miss a peak shorter than the interval.
+  every 20 ms. It counts concurrent workers together but can miss a peak shorter than the interval.
 
 A job may also run under a hard memory limit: a memory cgroup (a real limit on resident memory
 and page cache, which the kernel enforces by reclaiming cache and then killing the process) when
@@ -55,7 +55,7 @@ class Measurement:
     """Bytes: largest sampled virtual size of the child process itself."""
     returncode: int
     result: dict[str, Any] = field(default_factory=dict)
-    """What the job wrote to its result file (its own timings and counts)."""
+    """Contents of the job's result file: its own timings and counts."""
 
     @property
     def peak_rss(self) -> int:
@@ -163,8 +163,9 @@ def run_job(
         timeout: seconds before the job is killed.
 
     Returns:
-        The measurement. `returncode` is non-zero only when a memory limit was given (a job killed by
-        its limit is a result then, not an error); the cgroup's peak and OOM kills go into `result`.
+        The measurement. `returncode` is non-zero only when a memory limit was given, because a job
+        killed by its limit is a result then, not an error. The cgroup's peak and OOM kills go into
+        `result`.
 
     Raises:
         JobError: the job failed without a memory limit.

@@ -11,8 +11,8 @@ same machine load:
    empty `datasets` cache.
 
 MB/s is the corpus's document text (UTF-8 bytes, as read from the files) over each job's own work
-time, which excludes interpreter start-up and imports (about 0.3 s for cptstream, several
-seconds for `datasets` + `transformers` + `trl`, so this favours the Python path).
+time. That time excludes interpreter start-up and imports, which take well under a second for
+cptstream and several seconds for `datasets` + `transformers` + `trl`, so it favours the Python path.
 
 The memory part runs `cptstream shard --no-dedup` on 1x, 4x, 16x copies of the corpus and once
 more under a hard memory limit below the largest corpus's text size.
@@ -52,10 +52,10 @@ class ShardBenchConfig:
     threads: int = 0
     """CPUs every pipeline may use (threads, processes, affinity); 0 for all usable CPUs."""
     pipelines: tuple[str, ...] = PIPELINES
-    """Which of `PIPELINES` to compare."""
+    """Subset of `PIPELINES` to compare."""
     scales: tuple[int, ...] = (1, 4, 16)
     """Corpus copies for the memory test; empty skips it."""
-    memory_limit_mb: int = 512
+    memory_limit_mb: int = 384
     """Hard memory-cgroup limit for the limited run, in MiB; 0 skips it."""
     address_space_limit_mb: int = 4096
     """RLIMIT_AS for the limited run when no cgroup can be created, in MiB."""
@@ -270,8 +270,9 @@ def format_report(figures: dict[str, Any]) -> str:
     rows = []
     for name, p in figures["pipelines"].items():
         ratio = figures["ratios"].get(name, {}).get("median") if name != "cptstream" else 1.0
+        efficiency = f"{p['packing_efficiency']:.2%}" if "packing_efficiency" in p else "-"
         rows.append([names[name], p["mb_per_s"], p["tokens_per_s"], p["peak_rss_bytes"] / MIB,
-                     p.get("packing_efficiency"), p["tokens"], p["seconds"], p["wall_seconds"], ratio])
+                     efficiency, p["tokens"], p["seconds"], p["wall_seconds"], ratio])
     lines.append(format_table(["pipeline", "MB/s", "tokens/s", "peak RSS MiB", "packing eff.", "tokens",
                                "work s", "wall s", "cptstream ×"], rows))
     python = figures["pipelines"].get("python")
