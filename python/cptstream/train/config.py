@@ -96,6 +96,8 @@ class ModelConfig:
     """Recompute activations in the backward pass (Unsloth's offloaded variant on that backend)."""
     load_in_4bit: bool = False
     """Load the frozen base weights in 4 bit (QLoRA); unsloth backend only."""
+    trust_remote_code: bool = False
+    """Run Python code shipped in the model directory (`auto_map`); off, because that code is an input."""
 
     def __post_init__(self) -> None:
         _check_types(self, "model")

@@ -129,7 +129,10 @@ def _load_hf(config: RunConfig, dtype: torch.dtype) -> LoadedModel:
     if attn == "auto":
         attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
-        str(Path(config.model.path).resolve()), dtype=dtype, attn_implementation=attn, trust_remote_code=False
+        str(Path(config.model.path).resolve()),
+        dtype=dtype,
+        attn_implementation=attn,
+        trust_remote_code=config.model.trust_remote_code,
     )
     model.to(device)
     model.config.use_cache = False
@@ -169,7 +172,7 @@ def _load_unsloth(config: RunConfig, dtype: torch.dtype) -> LoadedModel:
         max_seq_length=config.model.max_seq_length,
         dtype=dtype,
         load_in_4bit=config.model.load_in_4bit,
-        trust_remote_code=False,
+        trust_remote_code=config.model.trust_remote_code,
     )
     lora = config.lora
     buffers = unsloth_cache_dir(config) / "buffers"
