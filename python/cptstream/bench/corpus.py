@@ -153,7 +153,7 @@ def replicate(inputs: Iterable[str | Path], copies: int, destination: Path) -> l
     """Make `copies` symlinked copies of the inputs under `destination`, one directory per copy.
 
     Returns:
-        The copy directories, to pass as inputs. Each holds one symlink per input, named after it.
+        The copy directories, to pass as inputs. Each contains one symlink per input, named after it.
 
     Raises:
         ValueError: `copies` is below 1, or two inputs share a name.

@@ -1,9 +1,9 @@
 """The measured pipelines, each run as `python -m cptstream.bench.jobs JOB SPEC.json RESULT.json`.
 
-A job reads its arguments from SPEC.json, does its work and writes RESULT.json with `seconds`
-(its own `perf_counter` time for the work, after interpreter start-up and imports, which the
-parent's wall time also covers) and the counts that the orchestrator checks and reports. Imports
-happen inside each job so that one job's libraries never load into another's process.
+A job reads its arguments from SPEC.json, does its work and writes RESULT.json with `seconds` and
+the counts that the orchestrator checks and reports. `seconds` is the job's own `perf_counter` time
+for the work, after interpreter start-up and imports, which only the parent's wall time covers.
+Imports happen inside each job so that one job's libraries never load into another's process.
 """
 
 from __future__ import annotations
@@ -141,18 +141,15 @@ def load_stream(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     dataset = PackedDataset(spec["shards"], micro_batch_size=spec["micro_batch_size"],
                             num_workers=spec["num_workers"], epochs=1, seed=0)
-    tokens = rows = batches = 0
+    clock = _LoaderClock(started)
     for batch in PackedLoader(dataset):
         missing = {"input_ids", "labels", "position_ids"} - batch.keys()
         if missing:
             raise RuntimeError(f"PackedLoader batch lacks {sorted(missing)}")
-        tokens += int(batch["num_tokens"].sum())
-        rows += batch["input_ids"].shape[0]
-        batches += 1
-        if spec["max_rows"] and rows >= spec["max_rows"]:
+        clock.batch(int(batch["num_tokens"].sum()), batch["input_ids"].shape[0])
+        if spec["max_rows"] and clock.rows >= spec["max_rows"]:
             break
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": tokens, "rows": rows, "batches": batches}
+    return clock.result()
 
 
 def load_datasets(spec: dict[str, Any]) -> dict[str, Any]:
@@ -187,15 +184,41 @@ def load_datasets(spec: dict[str, Any]) -> dict[str, Any]:
     generator.manual_seed(0)
     loader = DataLoader(dataset, batch_size=spec["micro_batch_size"], shuffle=True, num_workers=spec["num_workers"],
                         collate_fn=collate, generator=generator)
-    tokens = rows = batches = 0
+    clock = _LoaderClock(started)
     for batch in loader:
-        tokens += batch["input_ids"].numel()
-        rows += int(batch["num_rows"])
-        batches += 1
-        if spec["max_rows"] and rows >= spec["max_rows"]:
+        clock.batch(batch["input_ids"].numel(), int(batch["num_rows"]))
+        if spec["max_rows"] and clock.rows >= spec["max_rows"]:
             break
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": tokens, "rows": rows, "batches": batches}
+    return clock.result()
+
+
+class _LoaderClock:
+    """Counts a loader's tokens and rows, and times its steady state apart from its start-up.
+
+    `seconds` runs from the first batch's arrival to the last one's and covers the tokens after the
+    first batch. Start-up (building the dataset, forking workers, the first batch) is reported
+    apart as `first_batch_seconds`, because a training run pays it once.
+    """
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.first_at: float | None = None
+        self.tokens = self.rows = self.batches = self.first_tokens = 0
+
+    def batch(self, tokens: int, rows: int) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            self.first_tokens = tokens
+        self.tokens += tokens
+        self.rows += rows
+        self.batches += 1
+
+    def result(self) -> dict[str, Any]:
+        if self.first_at is None or self.batches < 2:
+            raise RuntimeError(f"the loader returned {self.batches} batches; at least 2 are needed to time it")
+        return {"seconds": time.perf_counter() - self.first_at, "first_batch_seconds": self.first_at - self.started,
+                "tokens": self.tokens, "timed_tokens": self.tokens - self.first_tokens, "rows": self.rows,
+                "batches": self.batches}
 
 
 JOBS = {
