@@ -366,10 +366,11 @@ mod tests {
 // - Documents are encoded one per rayon task over a batch of documents (see pipeline.rs); the
 //   tokenizer's own batch parallelism is not used so that the thread count stays ours.
 // - Measured with `cargo bench --bench core` (one thread, 3 MB of the real corpus, Qwen2, AMD EPYC
-//   shared 2-core VM): `encode_fast` 1.8 MiB/s, the fast path 8.0 MiB/s. Criterion repeats the same
-//   text, so the piece cache is warm there. End to end, `cptstream shard` on the 40 MB corpus went
-//   from 0.9 to 2.0 MB/s in back-to-back runs. A perf profile of `encode_fast` showed about 30% of
-//   the time in malloc/free for `NormalizedString` alignments and per-token `String`s.
+//   shared 2-core VM): `encode_fast` 2.0 MiB/s, the fast path 9.3 MiB/s. Criterion repeats the same
+//   text, so the piece cache is warm there. End to end (`cptstream bench shard`, medians of 3 on the
+//   40 MB corpus, same VM), `cptstream shard` ran at 4.9 MB/s against 1.7 MB/s for Python
+//   `tokenizers` batch encoding alone. A perf profile of `encode_fast` showed about 30% of the time
+//   in malloc/free for `NormalizedString` alignments and per-token `String`s.
 // - Left in the profile after the fast path (perf, whole shard run): onig's regex search about 18%
 //   (9% `match_at`, 7% a `memmove` inside `search_in_range`), BPE `merge_word` 10% (mostly long CJK
 //   pieces, which the piece cache skips), NFC about 8%, since cut by skipping text that is NFC
