@@ -118,7 +118,11 @@ pub fn clean(text: &str, cfg: &CleanConfig) -> String {
         Normalization::Nfkc => {
             let n: String = chars.nfkc().collect();
             n.chars()
-                .filter(|&c| !(cfg.remove_zero_width && is_zero_width(c)) && !(cfg.strip_control && is_removed_control(c)))
+                .filter(|&c| {
+                    let zero_width = cfg.remove_zero_width && is_zero_width(c);
+                    let control = cfg.strip_control && is_removed_control(c);
+                    !zero_width && !control
+                })
                 .collect()
         }
         Normalization::None => chars,

@@ -97,7 +97,7 @@ impl Dedup {
             Set::Exact(set) => {
                 set.insert(hash);
                 if set.len() * BYTES_PER_ENTRY > self.memory_bytes {
-                    self.to_bloom();
+                    self.convert_to_bloom();
                 }
             }
             Set::Bloom { bits, mask, inserted } => {
@@ -109,7 +109,7 @@ impl Dedup {
         }
     }
 
-    fn to_bloom(&mut self) {
+    fn convert_to_bloom(&mut self) {
         // The largest power of two of bits that fits the budget, so a mask replaces a modulo.
         let m_bits = ((self.memory_bytes * 8) as u64).next_power_of_two() >> 1;
         let m_bits = m_bits.max(1 << 16);
