@@ -200,6 +200,38 @@ def test_dataloader_workers_match_in_process_order(tmp_path):
     assert dataset.rows_consumed == 44
 
 
+def test_worker_batches_equal_in_process(tmp_path):
+    # Workers send a compact batch that PackedLoader expands, so check that the loop gets the same
+    # keys, dtypes and values as from the main process. The rows cover pieces, padding and a full row.
+    rows = [
+        ([5, 6, 2, 7, 8, 9, 2], [3, 4]),
+        ([3] * 8, [8]),
+        ([4, 2, 5, 2, 6, 2], [2, 2, 2]),
+        ([7, 7, 2], [3]),
+    ] * 5
+    data = write_shards(tmp_path / "data", [rows[:11], rows[11:]], seq_len=8, rows_per_batch=3)
+
+    def batches(num_workers: int) -> list[dict[str, torch.Tensor]]:
+        dataset = PackedDataset(data, micro_batch_size=3, seed=4, epochs=2, shuffle_block=5, num_workers=num_workers)
+        return list(PackedLoader(dataset))
+
+    in_process, with_workers = batches(0), batches(2)
+    assert len(in_process) == len(with_workers) == 14
+    assert set(in_process[0]) == {"input_ids", "labels", "position_ids", "seq_lengths", "num_tokens"}
+    for expected, got in zip(in_process, with_workers, strict=True):
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert got[name].dtype == tensor.dtype, name
+            assert torch.equal(got[name], tensor), name
+    # And both equal collate_rows on the same rows, the reference that the other tests pin down.
+    first = in_process[0]
+    lengths = [row[row > 0].numpy() for row in first["seq_lengths"]]
+    reference = collate_rows(first["input_ids"].numpy().astype(np.int32), lengths)
+    for name, tensor in reference.items():
+        assert first[name].dtype == tensor.dtype, name
+        assert torch.equal(first[name], tensor), name
+
+
 # ---- order and resume ----
 
 

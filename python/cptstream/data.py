@@ -19,6 +19,11 @@ record batches (`shuffle_block * seq_len * 4` bytes). The cost of this layout is
 with `W * K`. zstd decodes well above 1 GB/s per core, far more than one GPU consumes. The
 worker path uses pyarrow and numpy only, never the Rust extension, because rayon's thread pool
 does not survive the DataLoader's fork.
+
+Hand-over. A worker yields the compact `pack_rows` form (int32 input ids and piece lengths) and
+`PackedLoader` builds labels, position ids and the int64 ids in the training process: a DataLoader
+moves every tensor a worker yields into its own shared-memory segment, which cost about ten times
+as much as building the batch when a worker sent the full batch of six tensors.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cptstream.train.batch import collate_rows
+from cptstream.train.batch import expand_rows, pack_rows
 from cptstream.train.manifest import Manifest, ShardInfo, load_manifest
 
 __all__ = [
@@ -151,9 +156,10 @@ class RowOrder:
 class PackedDataset(IterableDataset):
     """Micro-batches of packed rows of one split, in a resumable, seeded, rank- and worker-divided order.
 
-    Iterating yields dicts from `collate_rows` plus `rows_consumed`, the stream position after the
-    batch. Read it through `PackedLoader`, which keeps `rows_consumed` of this object in step
-    with what the training loop has received, for `state_dict`.
+    Iterating yields dicts from `pack_rows` (int32 `input_ids` and `seq_lengths`) plus
+    `rows_consumed`, the stream position after the batch, as an int. Read it through
+    `PackedLoader`, which turns them into `collate_rows` batches and keeps `rows_consumed` of this
+    object in step with what the training loop has received, for `state_dict`.
 
     Args:
         data_dir: directory that contains `manifest.json`.
@@ -239,7 +245,7 @@ class PackedDataset(IterableDataset):
         """The epoch that the next row belongs to."""
         return self.rows_consumed // self.rows_per_epoch
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         if info is None:
             return self.iter_worker(0, workers=1)
@@ -250,8 +256,10 @@ class PackedDataset(IterableDataset):
             )
         return self.iter_worker(info.id)
 
-    def iter_worker(self, worker: int, workers: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def iter_worker(self, worker: int, workers: int | None = None) -> Iterator[dict[str, Any]]:
         """Yield the micro-batches of DataLoader worker `worker`: batches `worker, worker + K, ...` from the position.
+
+        Batches are in the compact form that the class docstring describes.
 
         Args:
             worker: worker id, `0 <= worker < K`.
@@ -270,8 +278,9 @@ class PackedDataset(IterableDataset):
             if first >= last:
                 return
             rows = [self._read_row(position, cache, capacity) for position in range(first, last)]
-            batch = collate_rows(np.stack([ids for ids, _ in rows]), [lengths for _, lengths in rows])
-            batch["rows_consumed"] = torch.tensor(last)
+            batch: dict[str, Any] = pack_rows(np.stack([ids for ids, _ in rows]), [lengths for _, lengths in rows])
+            # An int is pickled with the batch; a tensor would cost one more shared-memory segment.
+            batch["rows_consumed"] = last
             yield batch
             batch_index += workers
 
@@ -333,30 +342,39 @@ class PackedDataset(IterableDataset):
 class PackedLoader:
     """A DataLoader over a `PackedDataset` that advances the dataset's position as batches arrive.
 
+    Yields the batches of `collate_rows`. The workers send the compact form of `pack_rows`, and the
+    rest of each batch is built here, in the training process, for any number of workers.
+
     Worker seeds come from a private generator, so creating an iterator leaves torch's global RNG
     untouched and a resumed run draws the same dropout masks as an uninterrupted one.
 
     Args:
         dataset: the dataset; its `num_workers` sets the DataLoader's.
-        pin_memory: pin batches for faster host-to-GPU copies. Default: ``False``.
+        pin_memory: pin batches for faster host-to-GPU copies; ignored without CUDA, as the
+            DataLoader does. Default: ``False``.
     """
 
     def __init__(self, dataset: PackedDataset, *, pin_memory: bool = False) -> None:
         self.dataset = dataset
+        # The DataLoader's pin thread would pin only the compact tensors, and the tensors built
+        # after it would be pageable, so the full batch is pinned here instead.
+        self._pin_memory = pin_memory and torch.cuda.is_available()
         generator = torch.Generator()
         generator.manual_seed(dataset.seed)
         self._loader = DataLoader(
             dataset,
             batch_size=None,
             num_workers=dataset.num_workers,
-            pin_memory=pin_memory,
             generator=generator,
             worker_init_fn=_ignore_sigint,
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self._loader:
-            self.dataset.rows_consumed = int(batch.pop("rows_consumed"))
+        for packed in self._loader:
+            self.dataset.rows_consumed = int(packed.pop("rows_consumed"))
+            batch = expand_rows(packed)
+            if self._pin_memory:
+                batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
             yield batch
 
     def state_dict(self) -> dict[str, Any]:

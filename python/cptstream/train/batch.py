@@ -16,13 +16,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["IGNORE_INDEX", "block_causal_mask", "collate_rows", "count_targets", "model_inputs", "to_packed_layout"]
+__all__ = [
+    "IGNORE_INDEX",
+    "block_causal_mask",
+    "collate_rows",
+    "count_targets",
+    "expand_rows",
+    "model_inputs",
+    "pack_rows",
+    "to_packed_layout",
+]
 
 IGNORE_INDEX = -100
 
 
 def collate_rows(input_ids: np.ndarray, seq_lengths: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Build a training batch from packed rows.
+    """Build a training batch from packed rows: `expand_rows(pack_rows(input_ids, seq_lengths))`.
 
     Position ids restart at 0 for every document piece and for the padding tail. Labels equal the
     input ids except -100 on the padding tail (found from the lengths, never from the pad id) and on
@@ -30,36 +39,92 @@ def collate_rows(input_ids: np.ndarray, seq_lengths: list[np.ndarray]) -> dict[s
     model: label `i` is predicted from position `i - 1`, which belongs to the previous piece.
 
     Args:
-        input_ids: int `[rows, seq_len]`.
+        input_ids: int `[rows, seq_len]`, values within int32 (the shard format stores int32).
         seq_lengths: per row, the lengths of its document pieces in order.
 
     Returns:
         `input_ids`, `labels`, `position_ids` (int64 `[rows, seq_len]`), `seq_lengths` (int32
         `[rows, max_pieces]`, zero-filled), and `num_tokens` (int64 `[rows]`, real tokens per row).
     """
+    return expand_rows(pack_rows(input_ids, seq_lengths))
+
+
+def pack_rows(input_ids: np.ndarray, seq_lengths: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Check packed rows and return the compact form that DataLoader workers send to the main process.
+
+    Every tensor a worker yields is moved into its own shared-memory segment, and that hand-over,
+    not building the batch, limits a DataLoader with workers. So a worker sends two int32 tensors,
+    a sixth of the bytes of the full batch, and `expand_rows` derives the rest in the main process.
+
+    Args:
+        input_ids: int `[rows, seq_len]`, values within int32.
+        seq_lengths: per row, the lengths of its document pieces in order.
+
+    Returns:
+        `input_ids` (int32 `[rows, seq_len]`) and `seq_lengths` (int32 `[rows, max_pieces]`, zero-filled).
+
+    Raises:
+        ValueError: a row's lengths are not positive or add up to more than `seq_len`, or an id
+            does not fit int32.
+    """
     rows, seq_len = input_ids.shape
-    labels = input_ids.astype(np.int64)
-    position_ids = np.empty((rows, seq_len), dtype=np.int64)
+    if input_ids.dtype != np.int32 and input_ids.size:
+        info = np.iinfo(np.int32)
+        if input_ids.min() < info.min or input_ids.max() > info.max:
+            raise ValueError(f"input ids must fit int32, got values in [{input_ids.min()}, {input_ids.max()}]")
     padded_lengths = np.zeros((rows, max(1, max(len(lengths) for lengths in seq_lengths))), dtype=np.int32)
-    num_tokens = np.zeros(rows, dtype=np.int64)
     for row, lengths in enumerate(seq_lengths):
         lengths = lengths.astype(np.int64)
-        real = int(lengths.sum())
-        if real > seq_len or (lengths.size and lengths.min() <= 0):
+        if lengths.sum() > seq_len or (lengths.size and lengths.min() <= 0):
             raise ValueError(f"seq_lengths {lengths.tolist()} are invalid for a row of {seq_len} tokens")
-        starts = np.cumsum(lengths) - lengths
-        position_ids[row, :real] = np.arange(real) - np.repeat(starts, lengths)
-        position_ids[row, real:] = np.arange(seq_len - real)
-        labels[row, starts[1:]] = IGNORE_INDEX
-        labels[row, real:] = IGNORE_INDEX
         padded_lengths[row, : lengths.size] = lengths
-        num_tokens[row] = real
     return {
-        "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
+        # astype copies, so the tensor never aliases a decoded record batch that a worker's cache still holds.
+        "input_ids": torch.from_numpy(input_ids.astype(np.int32)),
         "seq_lengths": torch.from_numpy(padded_lengths),
-        "num_tokens": torch.from_numpy(num_tokens),
+    }
+
+
+def expand_rows(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Build the training batch of `collate_rows` from the output of `pack_rows`.
+
+    Vectorized over the whole batch, because it runs in the training process on every micro-batch.
+
+    Args:
+        packed: `input_ids` (int `[rows, seq_len]`) and `seq_lengths` (int `[rows, max_pieces]`,
+            zero-filled, valid as `pack_rows` checks).
+
+    Returns:
+        The keys, dtypes and values that `collate_rows` documents.
+    """
+    input_ids = packed["input_ids"].to(torch.int64)
+    lengths = packed["seq_lengths"].to(torch.int64)
+    rows, seq_len = input_ids.shape
+    num_tokens = lengths.sum(dim=1)
+    # Piece starts; the zero-length fillers start at the row's real length, where the padding tail
+    # begins. The tail is one more piece for the position ids, so every row gets a start there too.
+    starts = torch.cumsum(lengths, dim=1) - lengths
+    starts = torch.cat([starts, num_tokens[:, None]], dim=1)
+    in_row = starts < seq_len
+    row_index = torch.arange(rows)[:, None].expand_as(starts)
+
+    # Position ids: distance to the latest piece start. Starts increase along a row, so a running
+    # maximum of the start values written at their own positions gives each token its piece start.
+    marker = torch.zeros((rows, seq_len), dtype=torch.int64)
+    marker[row_index[in_row], starts[in_row]] = starts[in_row]
+    position_ids = torch.arange(seq_len) - torch.cummax(marker, dim=1).values
+
+    labels = input_ids.clone()
+    later = in_row.clone()
+    later[:, 0] = False
+    labels[row_index[later], starts[later]] = IGNORE_INDEX
+    labels[torch.arange(seq_len)[None, :] >= num_tokens[:, None]] = IGNORE_INDEX
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "seq_lengths": packed["seq_lengths"].to(torch.int32),
+        "num_tokens": num_tokens,
     }
 
 
