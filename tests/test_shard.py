@@ -62,8 +62,10 @@ def test_llama3_style_bos_and_eos_once_per_doc(tmp_path):
     hello, world = tid(tok_dir, "Hello"), tid(tok_dir, "World")
     assert sorted(docs) == sorted([[bos, hello, eos], [bos, world, eos]])
     for doc in docs:
-        assert doc.count(eos) == 1 and doc[-1] == eos
-        assert doc.count(bos) == 1 and doc[0] == bos
+        assert doc.count(eos) == 1
+        assert doc[-1] == eos
+        assert doc.count(bos) == 1
+        assert doc[0] == bos
 
     # `--bos never` drops it; a Qwen-style tokenizer (no template) gets none under auto.
     shard(tmp_path, [data], tok_dir, "--seq-len", "16", "--bos", "never", out="never")
@@ -80,7 +82,7 @@ def test_missing_eos_fails_before_any_shard(tmp_path):
     assert not list((tmp_path / "out").rglob("*.arrow"))
 
 
-def test_three_docs_three_rows_and_single_doc_one_row(tmp_path):
+def test_row_count_exact(tmp_path):
     tok_dir = make_wordlevel_tokenizer(tmp_path / "tok", WORDS)
     data = write_jsonl(tmp_path / "d.jsonl", [" ".join(["w1"] * 7), " ".join(["w2"] * 7), "w3 w4 w5"])
     shard(tmp_path, [data], tok_dir, "--seq-len", "8")
@@ -93,7 +95,8 @@ def test_three_docs_three_rows_and_single_doc_one_row(tmp_path):
     shard(tmp_path, [single], tok_dir, "--seq-len", "8", out="single")
     assert read_manifest(tmp_path / "single")["counts"]["rows"] == 1
     (ids, lengths), = rows(tmp_path / "single")
-    assert lengths == [5] and len(ids) == 8
+    assert lengths == [5]
+    assert len(ids) == 8
 
 
 def test_bfd_splits_long_document_into_new_segment():
@@ -122,7 +125,8 @@ def test_jsonl_bad_records_counted_by_reason(tmp_path):
     counts = manifest["counts"]
     assert counts["records_skipped"] == {"not_object": 3, "missing_field": 1, "blank_line": 1, "null_field": 1}
     assert counts["docs_dropped"] == {"empty": 1}
-    assert counts["docs_read"] == 3 and counts["docs_kept"] == 2
+    assert counts["docs_read"] == 3
+    assert counts["docs_kept"] == 2
     problems = manifest["problems"]
     assert [p.split(":")[1] for p in problems["not_object"]] == ["2", "3", "4"]
     assert problems["missing_field"][0].split(":")[1] == "5"
@@ -202,7 +206,8 @@ def test_qwen2_reference_ids_from_rust(qwen2_tokenizer):
 
 def test_special_token_text_is_not_a_control_token(qwen2_tokenizer):
     ids = _core.encode(str(qwen2_tokenizer), ["before <|endoftext|> after"])[0]
-    assert ids.count(151643) == 1 and ids[-1] == 151643
+    assert ids.count(151643) == 1
+    assert ids[-1] == 151643
 
 
 def test_same_bytes_whatever_the_thread_count(tmp_path):
@@ -213,7 +218,8 @@ def test_same_bytes_whatever_the_thread_count(tmp_path):
     shard(tmp_path, [data], tok_dir, *common, "--num-threads", "1", out="t1")
     shard(tmp_path, [data], tok_dir, *common, "--num-threads", "2", out="t2")
     m1, m2 = read_manifest(tmp_path / "t1"), read_manifest(tmp_path / "t2")
-    assert len(m1["splits"]["train"]) > 1 and m1["splits"]["validation"]
+    assert len(m1["splits"]["train"]) > 1
+    assert m1["splits"]["validation"]
     assert m1["splits"] == m2["splits"]
     for split in ("train", "validation"):
         for entry in m1["splits"][split]:

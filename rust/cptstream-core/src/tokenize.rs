@@ -19,7 +19,7 @@ use tokenizers::Tokenizer;
 /// EOS strings of common base models, tried in order when the tokenizer files name none.
 const KNOWN_EOS: &[&str] = &["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|end|>", "[SEP]"];
 
-/// What the manifest records about the tokenizer.
+/// Tokenizer facts recorded in the manifest.
 #[derive(Clone, Debug, Serialize)]
 pub struct TokenizerInfo {
     pub path: String,
@@ -27,7 +27,7 @@ pub struct TokenizerInfo {
     pub vocab_size: u32,
     pub eos_token: String,
     pub eos_id: u32,
-    /// Where the EOS string came from: `--eos-token`, `tokenizer_config.json` or the vocabulary.
+    /// Source of the EOS string: `--eos-token`, `tokenizer_config.json` or the vocabulary.
     pub eos_source: String,
     pub bos_token: Option<String>,
     pub bos_id: Option<u32>,
@@ -52,7 +52,7 @@ fn read_config(dir: &Path) -> Result<Option<serde_json::Value>> {
     Ok(Some(value))
 }
 
-/// A token entry in tokenizer_config.json is either a string or `{"content": "..."}`.
+/// Read a token entry of tokenizer_config.json, either a string or `{"content": "..."}`.
 fn token_string(value: Option<&serde_json::Value>) -> Option<String> {
     match value? {
         serde_json::Value::String(s) => Some(s.clone()),
@@ -108,7 +108,7 @@ impl DocTokenizer {
             message: format!("EOS token {eos_token:?} (from {eos_source}) is not in the vocabulary"),
         })?;
 
-        // ---- BOS: follow the post-processor unless told otherwise ----
+        // ---- BOS: follow the post-processor unless --bos overrides it ----
         let added_bos = Self::post_processor_bos(&tokenizer, &file)?;
         let config_bos = config.as_ref().and_then(|c| token_string(c.get("bos_token")));
         let bos_id = match bos_policy {
@@ -146,7 +146,7 @@ impl DocTokenizer {
         Ok(DocTokenizer { tokenizer, fast, info })
     }
 
-    /// The id that the tokenizer's post-processor puts in front of a single sequence, if any.
+    /// Return the id that the tokenizer's post-processor puts in front of a single sequence, if any.
     fn post_processor_bos(tokenizer: &Tokenizer, file: &Path) -> Result<Option<u32>> {
         let err = |e: tokenizers::Error| Error::Tokenizer { path: file.to_path_buf(), message: e.to_string() };
         let plain = tokenizer.encode_fast("a", false).map_err(err)?;

@@ -155,7 +155,7 @@ fn pack(docs: Vec<Vec<u32>>, seq_len: usize, packing: &str, window_rows: usize, 
     Ok(rows.into_iter().map(|r| (r.tokens, r.seq_lengths)).collect())
 }
 
-/// The default shard configuration as JSON, the single source of defaults for the CLI.
+/// Return the default shard configuration as JSON, the single source of defaults for the CLI.
 #[pyfunction]
 fn default_config() -> String {
     serde_json::to_string(&ShardConfig::default()).expect("config serializes")
