@@ -39,7 +39,6 @@ from typing import Any
 BACKENDS = ("unsloth", "hf")
 FAILURE_BITS = {"unsloth": 1, "hf": 2}
 MODEL_BUILD_FAILED = 4
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 # Qwen2.5-0.5B's config.json (Qwen/Qwen2.5-0.5B on the Hugging Face hub), without its weights.
 QWEN25_05B = {
@@ -150,9 +149,9 @@ def build_model(tokenizer_dir: Path, output: Path, shape: dict[str, Any], *, bf1
         model = model.to(torch.bfloat16)
     shutil.rmtree(output, ignore_errors=True)
     model.save_pretrained(str(output))
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, output / name)
+    from cptstream.tokenizer_files import copy_tokenizer_files
+
+    copy_tokenizer_files(output, tokenizer_dir)
     parameters = sum(p.numel() for p in model.parameters())
     say(
         f"built a {config.num_hidden_layers}-layer, width-{config.hidden_size} Qwen2 model: {parameters / 1e6:.1f}M "

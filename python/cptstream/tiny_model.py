@@ -21,21 +21,13 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from cptstream.tokenizer_files import copy_tokenizer_files
+
 __all__ = ["build_tiny_model", "tiny_qwen2_config", "train_tiny_tokenizer"]
 
 logger = logging.getLogger("cptstream")
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
-
 
 def tiny_qwen2_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, eos_id: int | None = None):
     """Return a `transformers.Qwen2Config` for a tiny model with untied embeddings (as Qwen2.5-7B).
@@ -104,9 +96,7 @@ def build_tiny_model(
     model = Qwen2ForCausalLM(config)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir))
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, output_dir / name)
+    copy_tokenizer_files(output_dir, tokenizer_dir)
     logger.info(
         "wrote a %d-layer, width-%d Qwen2 model with %d embedding rows to %s", num_layers, hidden_size, rows, output_dir
     )

@@ -14,19 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
+from cptstream.tokenizer_files import copy_tokenizer_files
+
 __all__ = ["export_merged"]
 
 logger = logging.getLogger("cptstream")
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str | Path | None = None) -> Path:
@@ -68,10 +60,7 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str 
     shutil.rmtree(temporary, ignore_errors=True)
     with torch.no_grad():
         merged.save_pretrained(str(temporary))
-    for name in TOKENIZER_FILES:
-        source = adapter_dir / name if (adapter_dir / name).is_file() else base_path / name
-        if source.is_file():
-            shutil.copy2(source, temporary / name)
+    copy_tokenizer_files(temporary, adapter_dir, base_path)
     if output_dir.exists():
         output_dir.rmdir()
     os.replace(temporary, output_dir)

@@ -30,6 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cptstream.data import DataExhaustedError, PackedDataset, PackedLoader
 from cptstream.lock import DirLock
+from cptstream.tokenizer_files import copy_tokenizer_files
 from cptstream.train.batch import count_targets, model_inputs
 from cptstream.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cptstream.train.checks import check_model_fits_shards
@@ -54,16 +55,6 @@ from cptstream.train.metrics import (
 __all__ = ["lr_factor", "run"]
 
 logger = logging.getLogger("cptstream")
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
@@ -394,9 +385,7 @@ def _save_adapter(model: torch.nn.Module, model_dir: Path, destination: Path) ->
     temporary = destination.with_name(f".tmp-{destination.name}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(str(temporary))
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, temporary / name)
+    copy_tokenizer_files(temporary, model_dir)
     if destination.exists():
         shutil.rmtree(destination)
     os.replace(temporary, destination)
