@@ -56,7 +56,7 @@ impl Default for CleanConfig {
     }
 }
 
-/// Why a document was dropped by a filter; the names are the keys of `docs_dropped`.
+/// Filter reason for dropping a document; the names are the keys of `docs_dropped`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
     Empty,
@@ -86,7 +86,7 @@ fn is_removed_control(c: char) -> bool {
     c != '\n' && c != '\t' && c.is_control()
 }
 
-/// Clean one document. The result holds no CR, no removed characters and at most one blank line
+/// Clean one document. The result contains no CR, no removed characters and at most one blank line
 /// in a row, and it is already normalized.
 pub fn clean(text: &str, cfg: &CleanConfig) -> String {
     if !cfg.enabled {

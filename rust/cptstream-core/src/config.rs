@@ -51,7 +51,7 @@ pub struct ShardConfig {
     /// Tokens per row.
     pub seq_len: usize,
     pub packing: Packing,
-    /// JSON key or Parquet column that holds the text.
+    /// JSON key or Parquet column that contains the text.
     pub text_field: String,
     /// Share of documents sent to the validation split, chosen by a stable hash of the text.
     pub val_fraction: f64,
@@ -158,8 +158,8 @@ impl ShardConfig {
         }
     }
 
-    /// The configuration with the fields that do not change the output cleared, used to check
-    /// that a resumed run continues the same job.
+    /// Return the configuration without the fields that do not change the output (the thread
+    /// count), to check that a resumed run continues the same job.
     pub fn output_identity(&self) -> ShardConfig {
         ShardConfig { num_threads: 0, ..self.clone() }
     }

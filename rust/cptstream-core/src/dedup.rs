@@ -6,7 +6,7 @@
 //! only errs one way: a new document may be taken for a duplicate. With m bits and n documents
 //! the false-positive rate is (1 - e^(-7n/m))^7; at the default 512 MiB (m = 2^32 bits) that is
 //! about 2e-6 after 100 million documents and 0.02 after 500 million. The summary reports the
-//! estimate for the actual run, so nobody loses documents without seeing the number.
+//! estimate for the actual run, so no document is lost without the number being shown.
 //!
 //! Every new hash is also appended to a log on disk; a resumed run replays the log up to the
 //! checkpoint and rebuilds the same state in the same order.
@@ -46,7 +46,7 @@ impl Dedup {
         if len < entries * 16 {
             return Err(Error::ShardFormat {
                 path: path.to_path_buf(),
-                message: format!("deduplication log holds {} hashes, the checkpoint expects {entries}", len / 16),
+                message: format!("deduplication log contains {} hashes, the checkpoint expects {entries}", len / 16),
             });
         }
         let mut reader = std::io::BufReader::new(&mut file);

@@ -13,7 +13,7 @@ pub enum Error {
     Tokenizer { path: PathBuf, message: String },
     /// A configuration value or an input is not acceptable.
     InvalidInput { message: String },
-    /// A shard or checkpoint does not match what the manifest says.
+    /// A shard or checkpoint does not match the manifest.
     ShardFormat { path: PathBuf, message: String },
     /// The run was interrupted from outside (Ctrl-C); the last checkpoint stays valid.
     Interrupted,

@@ -1,9 +1,9 @@
 //! One `shard` run: read → clean → deduplicate → tokenize → pack → write, with checkpoints.
 //!
 //! Documents are read in batches on the coordinating thread. Cleaning, filtering, hashing and
-//! tokenization run in parallel over a batch on a local rayon pool; everything that has state
+//! tokenization run in parallel over a batch on a local rayon pool. Everything that has state
 //! (counts, deduplication, the validation split, packing, writing) then runs in document order on
-//! the coordinating thread. So the output depends only on the input and the configuration, never
+//! the coordinating thread, so the output depends only on the input and the configuration, never
 //! on the thread count.
 //!
 //! After every finished shard a checkpoint records the input cursor (file, records consumed),
@@ -186,7 +186,7 @@ fn run_unguarded(
     }
     if !resume && (manifest_path.exists() || checkpoint_path.exists() || out.join("train").exists()) {
         return Err(Error::invalid(format!(
-            "output directory {} already holds a cptstream run; pass --resume to continue it or choose another directory",
+            "output directory {} already contains a cptstream run; pass --resume to continue it or choose another directory",
             out.display()
         )));
     }

@@ -27,7 +27,7 @@ pub use discover::{detect, discover, Compression, Format};
 /// Bytes at the start of a JSONL or text stream checked by [`looks_binary`].
 const SNIFF_BYTES: usize = 8192;
 
-/// Longest record read into memory; longer JSONL lines and text files are skipped and counted.
+/// Maximum record size read into memory, in bytes; longer JSONL lines and text files are skipped and counted.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 256 << 20;
 
 /// One record position of an input file.

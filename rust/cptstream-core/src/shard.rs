@@ -33,7 +33,7 @@ pub struct ShardEntry {
     pub batch_offsets: Vec<u64>,
 }
 
-/// What a checkpoint needs to reopen a writer where it stood.
+/// Writer state saved in a checkpoint, enough to reopen the writer where it stopped.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WriterState {
     pub index: usize,
@@ -289,7 +289,7 @@ impl ShardWriter {
             if len < self.state.file_len {
                 return Err(Error::ShardFormat {
                     path: tmp,
-                    message: format!("holds {len} bytes, the checkpoint recorded {}; cannot resume", self.state.file_len),
+                    message: format!("contains {len} bytes, the checkpoint recorded {}; cannot resume", self.state.file_len),
                 });
             }
             file.set_len(self.state.file_len).map_err(|e| Error::io(&tmp, e))?;

@@ -363,8 +363,8 @@ mod tests {
 // Performance notes
 // - `encode_fast` skips offset tracking; ids are identical to `encode`, and it is the faster call
 //   in tokenizers 0.23.
-// - Documents are encoded one per rayon task over a batch of documents (see pipeline.rs); the
-//   tokenizer's own batch parallelism is not used so that the thread count stays ours.
+// - Documents are encoded one per rayon task over a batch of documents (see pipeline.rs). The
+//   tokenizer's own batch parallelism is not used, so --num-threads alone sets the thread count.
 // - Measured with `cargo bench --bench core` (one thread, 3 MB of the real corpus, Qwen2, AMD EPYC
 //   shared 2-core VM): `encode_fast` 2.0 MiB/s, the fast path 9.3 MiB/s. Criterion repeats the same
 //   text, so the piece cache is warm there. End to end (`cptstream bench shard`, medians of 3 on the
